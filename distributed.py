@@ -1,0 +1,273 @@
+"""Device, precision and process-group decisions, in one place.
+
+Everything that asks "which device?", "which autocast dtype?" or "which backend?" calls this file;
+the training loop and inference read its answers instead of deriving their own.
+"""
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+
+def npu_available():
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device with torch)
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def select_device(name="auto", local_rank=0):
+    """'auto' picks CUDA, then Ascend NPU, then CPU. 'cuda', 'npu', 'cpu' (optionally ':index') force one."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif npu_available():
+            name = "npu"
+        else:
+            name = "cpu"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if kind == "npu" and not npu_available():
+        raise RuntimeError("device 'npu' was asked for but torch_npu is not installed or sees no NPU; "
+                           "install the torch_npu build matching your torch and CANN, or use --device cpu")
+    if kind not in ("cuda", "npu", "cpu"):
+        raise ValueError(f"unknown device {name!r}: use auto, cuda, npu or cpu")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if ":" in name:
+        return torch.device(name)
+    return torch.device(kind, local_rank)
+
+
+def cpu_supports_bf16():
+    """True where the CPU has native bfloat16 arithmetic (AVX512-BF16 / AMX), so bf16 pays off."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512_BF16", "AMX"):  # names some torch builds report
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device, low_precision):
+    """The autocast dtype for `low_precision` runs on `device`, or None for plain float32.
+
+    fp16 on CUDA and NPU (as the seed's apex O2), bfloat16 on CPUs. Returns (dtype, note) where the
+    note explains a substitution the caller should log.
+    """
+    if not low_precision:
+        return None, ""
+    if device.type in ("cuda", "npu"):
+        return torch.float16, ""
+    note = "mixed precision on CPU runs in bfloat16 (float16 is not a CPU autocast type)"
+    if not cpu_supports_bf16():
+        note += "; this CPU has no native bfloat16, so it may be slower than float32"
+    return torch.bfloat16, note
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process group. torchrun (or `python distributed.py`, below) sets RANK, WORLD_SIZE, LOCAL_RANK,
+# MASTER_ADDR and MASTER_PORT and we initialise from the environment (env://), which also covers
+# several hosts. The upstream style `train.py -r RANK -g GROUP` still works: the rank comes from the
+# flag, the world size from WORLD_SIZE or else the number of local GPUs/NPUs (as upstream counted
+# them), and the rendezvous address from dist_config.dist_url.
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+
+
+def local_device_count(kind):
+    """How many accelerators of `kind` ('cuda', 'npu', 'cpu') this host has; 1 for the CPU."""
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    if kind == "npu":
+        return torch.npu.device_count() if npu_available() else 0
+    return 1
+
+
+def default_device_kind(name="auto"):
+    """The device type a run with --device `name` will use on this host (without touching it)."""
+    name = (name or "auto").lower().split(":")[0]
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "npu" if npu_available() else "cpu"
+
+
+def distributed_env(rank_flag=None, device_name="auto", environ=None):
+    """(rank, world_size, local_rank, launched_by) for this process.
+
+    launched_by is 'env' (torchrun / distributed.py set RANK and WORLD_SIZE), 'rank-flag' (upstream's
+    -r with WORLD_SIZE or the local device count) or 'single'.
+    """
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world_size = int(environ["RANK"]), int(environ["WORLD_SIZE"])
+        if rank_flag is not None and rank_flag != rank:
+            raise ValueError(f"-r {rank_flag} conflicts with RANK={rank} set by the launcher; "
+                             "drop -r when starting with torchrun or distributed.py")
+        local_rank = int(environ.get("LOCAL_RANK", rank))
+        return rank, world_size, local_rank, "env"
+    if rank_flag is not None:
+        kind = default_device_kind(device_name)
+        per_host = max(1, local_device_count(kind))
+        world_size = int(environ.get("WORLD_SIZE", per_host))
+        if not 0 <= rank_flag < world_size:
+            raise ValueError(f"-r {rank_flag} is outside the world of {world_size} processes "
+                             "(set WORLD_SIZE for the total number of processes)")
+        return rank_flag, world_size, int(environ.get("LOCAL_RANK", rank_flag % per_host)), "rank-flag"
+    return 0, 1, 0, "single"
+
+
+def choose_backend(device, requested="auto"):
+    """The collective backend for `device`: nccl (CUDA), hccl (Ascend), gloo (CPU), unless asked otherwise."""
+    requested = (requested or "auto").lower()
+    natural = BACKENDS[device.type]
+    if requested == "auto":
+        return natural
+    if requested == "nccl" and device.type != "cuda" or requested == "hccl" and device.type != "npu":
+        raise ValueError(f"dist_config.dist_backend is {requested!r} but training runs on {device.type}; "
+                         f"set it to \"auto\" (or {natural!r})")
+    return requested
+
+
+def setup_distributed(device_name="auto", backend="auto", dist_url="env://", timeout_s=1800,
+                      rank_flag=None, group_name=""):
+    """Pick this process's device and, for more than one process, join the process group.
+
+    Returns (device, rank, world_size). The timeout bounds every collective, so a dead peer ends the
+    run with an error instead of hanging it forever.
+    """
+    rank, world_size, local_rank, launched_by = distributed_env(rank_flag, device_name)
+    device = select_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)
+    if world_size > 1:
+        if launched_by == "env" or "MASTER_ADDR" in os.environ:
+            init_method = "env://"
+        else:
+            init_method = dist_url or "env://"
+        dist.init_process_group(backend=choose_backend(device, backend), init_method=init_method,
+                                world_size=world_size, rank=rank, timeout=timedelta(seconds=timeout_s))
+    return device, rank, world_size
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def cleanup_distributed():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel around `model` when a process group is up; the model itself otherwise."""
+    if not is_distributed():
+        return model
+    device_ids = [device.index] if device.type in ("cuda", "npu") else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over all processes in place (no-op for a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixed precision back-ends.
+
+def make_grad_scaler(device, amp_dtype):
+    """A GradScaler that is active only for float16 (bfloat16 has float32's range and needs none)."""
+    enabled = amp_dtype == torch.float16
+    if device.type == "npu" and enabled and not hasattr(torch.amp, "GradScaler"):
+        return torch.npu.amp.GradScaler()
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def load_apex_amp(device):
+    """apex.amp for --amp_backend apex (NVIDIA apex on CUDA, Ascend apex on NPU), or a clear error."""
+    if device.type == "cpu":
+        raise RuntimeError("--amp_backend apex needs a CUDA GPU or an Ascend NPU; on a CPU use --amp_backend native")
+    try:
+        from apex import amp
+    except ImportError:
+        raise RuntimeError("--amp_backend apex was asked for but apex is not installed; install NVIDIA apex "
+                           "(CUDA) or Ascend apex (NPU), or use --amp_backend native (torch.autocast + GradScaler)")
+    return amp
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher: `python distributed.py -c config.json [train.py flags]` runs train.py once per local
+# device through torch's own launcher (torch.distributed.run, the code behind torchrun). The flags
+# below belong to the launcher; everything else is passed to train.py unchanged.
+
+def launcher_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Start train.py once per local GPU/NPU (or --nproc_per_node processes) via torchrun.",
+        epilog="All other flags (e.g. -c config.json -batch_size 8) are passed to train.py.")
+    parser.add_argument("--nproc_per_node", type=int, default=None,
+                        help="processes on this host (default: number of local GPUs/NPUs; 1 on a CPU)")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of hosts")
+    parser.add_argument("--node_rank", type=int, default=0, help="this host's index, 0..nnodes-1")
+    parser.add_argument("--master_addr", default="127.0.0.1", help="address of the host with node_rank 0")
+    parser.add_argument("--master_port", type=int, default=None,
+                        help="a free port on the master (default: any free port for a single host, else 29500)")
+    launcher, train_argv = parser.parse_known_args(argv)
+    device_parser = argparse.ArgumentParser(add_help=False)
+    device_parser.add_argument("--device", "-device", default="auto")
+    device_name = device_parser.parse_known_args(train_argv)[0].device  # read, not consumed: train.py needs it too
+    if launcher.nproc_per_node is None:
+        launcher.nproc_per_node = max(1, local_device_count(default_device_kind(device_name)))
+    for name in ("nproc_per_node", "nnodes"):
+        if getattr(launcher, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not 0 <= launcher.node_rank < launcher.nnodes:
+        parser.error(f"--node_rank {launcher.node_rank} must be in 0..{launcher.nnodes - 1}")
+    return launcher, train_argv
+
+
+def torchrun_argv(launcher, script, train_argv):
+    argv = [f"--nproc_per_node={launcher.nproc_per_node}"]
+    if launcher.nnodes == 1 and launcher.master_port is None:
+        argv.append("--standalone")  # single host: torch finds a free port itself
+    else:
+        argv += [f"--nnodes={launcher.nnodes}", f"--node_rank={launcher.node_rank}",
+                 f"--master_addr={launcher.master_addr}", f"--master_port={launcher.master_port or 29500}"]
+    return argv + [script] + list(train_argv)
+
+
+def main(argv=None):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    launcher, train_argv = launcher_args(sys.argv[1:] if argv is None else argv)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    try:
+        torchrun_main(torchrun_argv(launcher, script, train_argv))
+    except ChildFailedError as error:
+        print(f"error: a training process failed; see its output above\n{error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

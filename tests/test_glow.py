@@ -1,0 +1,322 @@
+"""The WaveGlow model: upstream math, invertibility, likelihood terms, precision and errors."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO, TINY_WAVEGLOW
+from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
+
+
+def make_model(seed=0, randomise_end=True, **overrides):
+    torch.manual_seed(seed)
+    config = {**TINY_WAVEGLOW, "WN_config": dict(TINY_WAVEGLOW["WN_config"])}
+    config.update(overrides)
+    model = WaveGlow(**config)
+    if randomise_end:  # a fresh model is the identity flow; perturb it so tests see real couplings
+        with torch.no_grad():
+            for wn in model.WN:
+                wn.end.weight.normal_(0, 0.1)
+                wn.end.bias.normal_(0, 0.1)
+    return model
+
+
+def batch(n_samples=2048, batch_size=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    n_frames = n_samples // 256
+    mel = torch.randn(batch_size, 80, n_frames, generator=generator)
+    audio = torch.rand(batch_size, n_samples, generator=generator) * 2 - 1
+    return mel, audio
+
+
+class ReferenceWaveGlow(nn.Module):
+    """A deliberately plain re-statement of upstream's forward pass, used to check glow.py's layout.
+
+    torch's legacy weight_norm gives the same parameter names as upstream, so the same state dict loads.
+    """
+
+    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
+        super().__init__()
+        wn = torch.nn.utils.weight_norm
+        C, L, k = WN_config["n_channels"], WN_config["n_layers"], WN_config["kernel_size"]
+        self.n_group, self.n_early_every, self.n_early_size, self.C, self.L = n_group, n_early_every, n_early_size, C, L
+        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 1024, stride=256)
+        self.WN, self.convinv = nn.ModuleList(), nn.ModuleList()
+        remaining = n_group
+        for flow in range(n_flows):
+            if flow % n_early_every == 0 and flow > 0:
+                remaining -= n_early_size
+            half = remaining // 2
+            block = nn.Module()
+            block.start = wn(nn.Conv1d(half, C, 1))
+            block.end = nn.Conv1d(C, 2 * half, 1)
+            block.cond_layer = wn(nn.Conv1d(n_mel_channels * n_group, 2 * C * L, 1))
+            block.in_layers = nn.ModuleList(
+                wn(nn.Conv1d(C, 2 * C, k, dilation=2 ** i, padding=(k * 2 ** i - 2 ** i) // 2)) for i in range(L))
+            block.res_skip_layers = nn.ModuleList(
+                wn(nn.Conv1d(C, 2 * C if i < L - 1 else C, 1)) for i in range(L))
+            self.WN.append(block)
+            inv = nn.Module()
+            inv.conv = nn.Conv1d(remaining, remaining, 1, bias=False)
+            self.convinv.append(inv)
+
+    def forward(self, mel, audio):
+        B, T = audio.shape
+        g = self.n_group
+        mel = self.upsample(mel)[:, :, :T]
+        mel = mel.reshape(B, mel.size(1), T // g, g).permute(0, 1, 3, 2).reshape(B, -1, T // g)
+        x = audio.reshape(B, T // g, g).transpose(1, 2)
+        outputs, total_log_s, total_log_det = [], 0.0, 0.0
+        for flow, (block, inv) in enumerate(zip(self.WN, self.convinv)):
+            if flow % self.n_early_every == 0 and flow > 0:
+                outputs.append(x[:, :self.n_early_size])
+                x = x[:, self.n_early_size:]
+            W = inv.conv.weight
+            x = F.conv1d(x, W)
+            total_log_det = total_log_det + B * (T // g) * torch.logdet(W.squeeze(2))
+            half = x.size(1) // 2
+            h = block.start(x[:, :half])
+            cond = block.cond_layer(mel)
+            skip = 0
+            for i in range(self.L):
+                act = block.in_layers[i](h) + cond[:, 2 * self.C * i:2 * self.C * (i + 1)]
+                act = torch.tanh(act[:, :self.C]) * torch.sigmoid(act[:, self.C:])
+                rs = block.res_skip_layers[i](act)
+                if i < self.L - 1:
+                    h = h + rs[:, :self.C]
+                    skip = skip + rs[:, self.C:]
+                else:
+                    skip = skip + rs
+            out = block.end(skip)
+            shift, log_s = out[:, :half], out[:, half:]
+            x = torch.cat([x[:, :half], torch.exp(log_s) * x[:, half:] + shift], 1)
+            total_log_s = total_log_s + log_s.sum()
+        outputs.append(x)
+        return torch.cat(outputs, 1), total_log_s, total_log_det
+
+
+def test_matches_plain_restatement_of_upstream_math():
+    model = make_model()
+    reference = ReferenceWaveGlow(**TINY_WAVEGLOW)
+    reference.load_state_dict(model.state_dict())  # upstream key names load into both
+    mel, audio = batch()
+    z, log_s_list, log_det_list = model((mel, audio))
+    z_ref, log_s_ref, log_det_ref = reference(mel, audio)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sum(s.sum() for s in log_s_list), log_s_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum(log_det_list), log_det_ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"n_group": 8, "n_early_every": 2, "n_early_size": 3, "n_flows": 4},  # odd channel counts (8 -> 5)
+    {"n_group": 4, "n_early_every": 3, "n_early_size": 1, "n_flows": 5},  # 4 -> 3 -> 2
+    {"n_group": 16, "n_early_every": 2, "n_early_size": 4, "n_flows": 6},
+    {"n_flows": 3, "n_early_every": 1, "n_early_size": 2, "n_group": 8,
+     "WN_config": {"n_layers": 3, "n_channels": 8, "kernel_size": 5}},
+])
+def test_forward_then_reverse_rebuilds_audio(overrides):
+    model = make_model(**overrides)
+    mel, audio = batch()
+    z, _, _ = model((mel, audio))
+    assert z.shape == (2, model.n_group, 2048 // model.n_group)
+    rebuilt = model.reverse(mel, z)
+    error = (rebuilt - audio).norm() / audio.norm()
+    assert error < 1e-4, f"relative reconstruction error {error:.2e}"
+    assert (rebuilt - audio).abs().max() > 0 or error == 0  # rebuilt from z, not a copy of audio
+
+
+def test_log_det_W_equals_slogdet():
+    model = make_model()
+    mel, audio = batch()
+    _, _, log_det_list = model((mel, audio))
+    n_of_groups = audio.size(1) // model.n_group
+    for inv, log_det in zip(model.convinv, log_det_list):
+        sign, logabsdet = torch.linalg.slogdet(inv.conv.weight.squeeze(2).double())
+        assert sign > 0
+        torch.testing.assert_close(log_det.double(), audio.size(0) * n_of_groups * logabsdet, rtol=1e-5, atol=1e-4)
+    # Orthonormal initialisation: det = +1, so log|det| is zero before training.
+    for inv in WaveGlow(**TINY_WAVEGLOW).convinv:
+        assert torch.linalg.det(inv.conv.weight.squeeze(2)).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_folding_weight_norm_leaves_outputs_unchanged():
+    model = make_model()
+    mel, audio = batch()
+    z_before = model((mel, audio))[0]
+    audio_before = model.infer(mel, sigma=0.8, seed=3)
+    n_before = sum(p.numel() for p in model.parameters())
+    remove_weightnorm(model)
+    assert not any("weight_g" in name for name in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) < n_before
+    torch.testing.assert_close(model((mel, audio))[0], z_before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.infer(mel, sigma=0.8, seed=3), audio_before, rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_model_loss_on_uniform_noise_is_one_sixth():
+    torch.manual_seed(0)
+    model = WaveGlow(**TINY_WAVEGLOW)  # identity couplings, rotations: loss = E[x^2]/2 = 1/6
+    mel, audio = batch(n_samples=16384, batch_size=4)
+    loss = WaveGlowLoss(sigma=1.0)(model((mel, audio)))
+    assert loss.item() == pytest.approx(1 / 6, abs=3e-3)
+    assert WaveGlowLoss(sigma=0.5)(model((mel, audio))).item() == pytest.approx(4 / 6, abs=1.2e-2)
+
+
+def test_gradients_reach_every_parameter():
+    model = make_model()
+    mel, audio = batch()
+    WaveGlowLoss()(model((mel, audio))).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing
+
+
+def test_loss_does_not_mutate_its_inputs():
+    model = make_model()
+    output = model(batch())
+    z, log_s_list, log_det_list = output
+    copies = (z.clone(), [t.clone() for t in log_s_list], [t.clone() for t in log_det_list])
+    lengths = (len(log_s_list), len(log_det_list))
+    WaveGlowLoss()(output)
+    assert (len(log_s_list), len(log_det_list)) == lengths
+    assert torch.equal(z, copies[0])
+    assert all(torch.equal(a, b) for a, b in zip(log_s_list, copies[1]))
+    assert all(torch.equal(a, b) for a, b in zip(log_det_list, copies[2]))
+
+
+def test_tiny_model_overfits_one_clip():
+    model = make_model(randomise_end=False)
+    mel, audio = batch(batch_size=1)
+    audio = 0.5 * torch.sin(torch.arange(2048) * 0.07).unsqueeze(0)  # very predictable signal
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = WaveGlowLoss()
+    losses = []
+    for _ in range(40):
+        loss = criterion(model((mel, audio)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_state_dict_uses_upstream_names_and_round_trips():
+    model = make_model()
+    sd = model.state_dict()
+    for name in ["upsample.weight", "upsample.bias", "WN.0.start.weight_g", "WN.0.start.weight_v", "WN.0.start.bias",
+                 "WN.0.end.weight", "WN.0.end.bias", "WN.0.cond_layer.weight_g", "WN.0.in_layers.1.weight_v",
+                 "WN.0.res_skip_layers.1.bias", "convinv.0.conv.weight"]:
+        assert name in sd, name
+    assert sd["WN.0.in_layers.0.weight_g"].shape == (32, 1, 1)
+    assert not any("inverse" in name for name in sd)
+    other = make_model(seed=5)
+    other.load_state_dict(sd)
+    mel, audio = batch()
+    torch.testing.assert_close(other((mel, audio))[0], model((mel, audio))[0])
+    # Folded and unfolded forms load into each other.
+    folded = remove_weightnorm(make_model(seed=6))
+    folded.load_state_dict(sd)
+    torch.testing.assert_close(folded((mel, audio))[0], model((mel, audio))[0], rtol=1e-5, atol=1e-5)
+    unfolded = make_model(seed=7)
+    unfolded.load_state_dict(folded.state_dict())
+    torch.testing.assert_close(unfolded((mel, audio))[0], model((mel, audio))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_config_json_model_parameter_count():
+    config = json.loads((REPO / "config.json").read_text())["waveglow_config"]
+    model = WaveGlow(**config)
+    assert sum(p.numel() for p in model.parameters()) == 87_879_272
+    remove_weightnorm(model)
+    assert sum(p.numel() for p in model.parameters()) == 87_731_816
+
+
+def test_infer_length_seed_and_generator():
+    model = make_model()
+    mel = torch.randn(2, 80, 10)
+    a = model.infer(mel, sigma=0.6, seed=11)
+    b = model.infer(mel, sigma=0.6, seed=11)
+    c = model.infer(mel, sigma=0.6, seed=12)
+    assert a.shape == (2, 2560)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = model.infer(mel, sigma=0.6, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a, d)
+    silent = model.infer(mel, sigma=0.0)
+    assert torch.isfinite(silent).all()
+
+
+def test_infer_runs_in_the_mels_dtype():
+    model = make_model()
+    mel = torch.randn(1, 80, 8)
+    reference = model.infer(mel, sigma=0.5, seed=1)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    out = bf16.infer(mel.to(torch.bfloat16), sigma=0.5, seed=1)
+    assert out.dtype == torch.bfloat16 and out.shape == reference.shape
+    assert (out.float() - reference).norm() / reference.norm() < 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.infer(mel, sigma=0.5, seed=1)
+    assert out.dtype == torch.float32
+    assert (out - reference).norm() / reference.norm() < 0.05
+
+
+def test_autocast_keeps_audio_path_and_loss_in_float32():
+    model = make_model()
+    mel, audio = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, log_s_list, log_det_list = model((mel, audio))
+        loss = WaveGlowLoss()((z, log_s_list, log_det_list))
+    assert z.dtype == torch.float32 and loss.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in log_s_list + log_det_list)
+    z32 = model((mel, audio))[0]
+    assert (z - z32).norm() / z32.norm() < 0.05  # WN in bf16, the rest in float32
+
+
+def test_cached_inverse_follows_weight_changes():
+    model = make_model()
+    mel = torch.randn(1, 80, 8)
+    first = model.infer(mel, sigma=0.5, seed=1)
+    # An optimizer step changes W in place: the cached inverse must follow.
+    optimizer = torch.optim.SGD([inv.conv.weight for inv in model.convinv], lr=0.1)
+    for inv in model.convinv:
+        inv.conv.weight.grad = torch.randn_like(inv.conv.weight)
+    optimizer.step()
+    mel2, audio = batch(n_samples=2048, batch_size=1)
+    z = model((mel2, audio))[0]
+    torch.testing.assert_close(model.reverse(mel2, z), audio, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(model.infer(mel, sigma=0.5, seed=1), first)
+    # load_state_dict and a plain in-place edit are followed too.
+    model.load_state_dict(make_model(seed=9).state_dict())
+    z = model((mel2, audio))[0]
+    torch.testing.assert_close(model.reverse(mel2, z), audio, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.convinv[0].conv.weight.mul_(-1)
+    z = model((mel2, audio))[0]
+    torch.testing.assert_close(model.reverse(mel2, z), audio, rtol=1e-4, atol=1e-4)
+    assert not any("inverse" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_group": 7}, "n_group must be even"),
+    ({"n_group": 8, "n_early_size": 4, "n_early_every": 1}, "n_early_size=4 is too large"),
+    ({"n_flows": 0}, "n_flows must be a positive integer"),
+    ({"WN_config": {"n_layers": 2, "n_channels": 16, "kernel_size": 4}}, "kernel_size must be odd"),
+    ({"WN_config": {"n_layers": 2, "n_channels": 16}}, "WN_config must have exactly the keys"),
+    ({"n_group": 12}, "must divide the upsampler stride"),
+])
+def test_bad_configuration_is_a_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_model(**overrides)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = make_model()
+    mel, audio = batch()
+    with pytest.raises(ValueError, match="not a multiple of n_group"):
+        model((mel, audio[:, :2044]))
+    with pytest.raises(ValueError, match="the mel must have at least"):
+        model((mel[:, :, :2], audio))
+    with pytest.raises(ValueError, match=r"mel must be \(batch, 80, frames\)"):
+        model((mel[:, :40], audio))
+    with pytest.raises(ValueError, match=r"mel must be \(batch, 80, frames\)"):
+        model.infer(mel[0])
