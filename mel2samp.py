@@ -1,0 +1,423 @@
+"""Audio in, mel spectrograms out: wav/flac reading, the Tacotron 2 mel, file lists and the training dataset.
+
+The mel is Tacotron 2's TacotronSTFT, so mels made by Tacotron 2 (or FastPitch) drive a vocoder trained here.
+
+    python mel2samp.py -f wav_list.txt -o mels/ -c config.json [-j 8]    # <name>.wav.pt per clip
+    python mel2samp.py --make_split LJSpeech-1.1 -o filelists/ [--n_test 10]
+"""
+import argparse
+import concurrent.futures
+import json
+import logging
+import os
+import sys
+import zlib
+from collections import Counter
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+
+MAX_WAV_VALUE = 32768.0
+AUDIO_EXTENSIONS = (".wav", ".flac")
+MEL_KEYS = ("sampling_rate", "filter_length", "hop_length", "win_length", "mel_fmin", "mel_fmax")
+logger = logging.getLogger("mel2samp")
+_already_warned = set()  # a corpus of stereo or 44.1 kHz files says so once per process, not once per read
+
+
+class AudioError(Exception):
+    """An audio file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+def _warn_once(issue, message):
+    if issue not in _already_warned:
+        _already_warned.add(issue)
+        logger.warning(message)
+
+
+def load_wav_to_torch(path, sampling_rate=None, resample=True):
+    """Read a wav/flac file as a 1-D float tensor at int16 scale (16-bit files give their exact sample values).
+
+    With `sampling_rate` given, audio at another rate is resampled (resample=True, with a warning) or refused.
+    Returns (audio, sampling_rate of the returned audio). Raises AudioError naming the file and the problem.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise AudioError(path, "file not found")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        # float32 holds every 16- and 24-bit sample exactly; libsndfile scales integer files to [-1, 1)
+        audio, file_rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as error:
+        raise AudioError(path, f"cannot read it as audio (corrupt or unsupported format): {error}") from None
+    if audio.shape[0] == 0:
+        raise AudioError(path, "contains no samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(path, "contains NaN or infinite samples")
+    if audio.shape[1] > 1:
+        _warn_once(("channels", audio.shape[1]), f"mixing {audio.shape[1]}-channel audio down to mono "
+                                                 f"(first such file: {path})")
+    audio = audio.mean(axis=1, dtype=np.float32) if audio.shape[1] > 1 else audio[:, 0]
+    if np.abs(audio).max() > 1.0:  # only float files can exceed full scale; the model's targets live in [-1, 1]
+        _warn_once(("clip", path), f"{path}: float samples beyond full scale, clipping to [-1, 1]")
+        audio = np.clip(audio, -1.0, 1.0)
+    if sampling_rate is not None and file_rate != sampling_rate:
+        if not resample:
+            raise AudioError(path, f"sample rate is {file_rate} Hz but the config expects {sampling_rate} Hz; "
+                                   f"resample the corpus (e.g. sox in.wav -r {sampling_rate} out.wav) "
+                                   f"or allow resampling")
+        import soxr  # only needed for corpora at the wrong rate
+        _warn_once(("rate", file_rate), f"resampling {file_rate} Hz audio to {sampling_rate} Hz on every read "
+                                        f"(first such file: {path}); resampling the corpus once saves the time")
+        audio = soxr.resample(audio, file_rate, sampling_rate).astype(np.float32)
+        file_rate = sampling_rate
+    return torch.from_numpy(audio * np.float32(MAX_WAV_VALUE)), file_rate
+
+
+class TacotronSTFT(torch.nn.Module):
+    """Tacotron 2's mel: periodic Hann, centred reflect-padded frames, |STFT|, Slaney mel, log(clamp(., 1e-5)).
+
+    The transform runs in float64 because a float32 FFT puts rounding noise of ~1e-7 of a frame's loudest bin
+    into every bin; quiet bins next to a loud tone then drift by 1e-3 in log mel, well off the definition.
+    """
+
+    def __init__(self, filter_length=1024, hop_length=256, win_length=1024, n_mel_channels=80,
+                 sampling_rate=22050, mel_fmin=0.0, mel_fmax=8000.0):
+        super().__init__()
+        if win_length > filter_length:
+            raise ValueError(f"win_length {win_length} is longer than filter_length {filter_length}")
+        self.filter_length, self.hop_length, self.win_length = filter_length, hop_length, win_length
+        self.n_mel_channels, self.sampling_rate = n_mel_channels, sampling_rate
+        mel_basis = librosa.filters.mel(sr=sampling_rate, n_fft=filter_length, n_mels=n_mel_channels,
+                                        fmin=mel_fmin, fmax=mel_fmax, dtype=np.float64)
+        # not persistent: derived from the arguments, so nothing stale can come back from a state dict
+        self.register_buffer("mel_basis", torch.from_numpy(mel_basis), persistent=False)
+        self.register_buffer("window", torch.hann_window(win_length, periodic=True, dtype=torch.float64),
+                             persistent=False)
+
+    def spectral_normalize(self, magnitudes):
+        return torch.log(torch.clamp(magnitudes, min=1e-5))
+
+    @torch.no_grad()
+    def mel_spectrogram(self, y):
+        """y: (B, T) audio in [-1, 1] on any device -> (B, n_mel, 1 + T // hop), float32 (float64 for float64 y)."""
+        if y.dim() != 2:
+            raise ValueError(f"mel_spectrogram takes audio of shape (batch, samples), got {tuple(y.shape)}")
+        if y.shape[1] <= self.filter_length // 2:
+            raise ValueError(f"{y.shape[1]} samples is too short for a reflect-padded STFT: "
+                             f"needs more than filter_length/2 = {self.filter_length // 2}")
+        out_dtype, out_device = torch.promote_types(y.dtype, torch.float32), y.device
+        # MPS has no float64 and NPU float64 FFT support varies; a mel is cheap enough to make on the CPU there
+        device = y.device if y.device.type in ("cpu", "cuda") else torch.device("cpu")
+        spectrum = torch.stft(y.to(device, torch.float64), self.filter_length, self.hop_length, self.win_length,
+                              window=self.window.to(device), center=True, pad_mode="reflect",
+                              return_complex=True)
+        mel = torch.matmul(self.mel_basis.to(device), spectrum.abs())
+        return self.spectral_normalize(mel).to(out_device, out_dtype)
+
+
+def _audio_files_in(folder):
+    """An LJ-Speech folder (ids from metadata.csv), a folder with wavs/, or a plain folder of audio files."""
+    wavs = os.path.join(folder, "wavs")
+    metadata = os.path.join(folder, "metadata.csv")
+    if os.path.isdir(wavs) and os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            ids = [line.split("|")[0].strip() for line in f if line.strip()]
+        return [os.path.join(wavs, clip_id + ".wav") for clip_id in ids]
+    audio_dir = wavs if os.path.isdir(wavs) else folder
+    return [os.path.join(audio_dir, name) for name in sorted(os.listdir(audio_dir))
+            if name.lower().endswith(AUDIO_EXTENSIONS)]
+
+
+def files_to_list(filename_or_folder, data_root=None):
+    """Audio paths from a list file (`path` or Tacotron 2 `path|text` lines) or a folder (see _audio_files_in).
+
+    Relative paths resolve against `data_root` if given, else the list's own folder; a path found only
+    relative to the working directory (upstream's convention) is accepted too. Returns absolute paths.
+    """
+    source = str(filename_or_folder)
+    if os.path.isdir(source):
+        paths, base = _audio_files_in(os.path.abspath(source)), None
+    elif os.path.basename(source) == "metadata.csv":
+        paths, base = _audio_files_in(os.path.dirname(os.path.abspath(source))), None
+    elif os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            paths = [line.split("|")[0].strip() for line in f if line.strip()]
+        base = os.path.dirname(os.path.abspath(source))
+    else:
+        raise FileNotFoundError(f"file list {source} not found: give a list of audio paths, "
+                                f"a Tacotron 2 'path|text' list, or an LJ-Speech folder")
+    if not paths:
+        raise ValueError(f"{source} lists no audio files")
+    base = os.path.abspath(data_root) if data_root else base
+    resolved = []
+    for path in paths:
+        if not os.path.isabs(path):
+            candidate = os.path.join(base, path)
+            path = path if not os.path.exists(candidate) and os.path.exists(path) else candidate
+        resolved.append(os.path.abspath(path))
+    return resolved
+
+
+def _check_header(path, sampling_rate, min_samples):
+    """The problem with a file found from its header alone (cheap), or None."""
+    if not os.path.isfile(path):
+        return "file not found"
+    try:
+        info = sf.info(path)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        return f"cannot read it as audio (corrupt or unsupported format): {error}"
+    if info.frames == 0:
+        return "contains no samples"
+    if info.frames * sampling_rate / info.samplerate < min_samples:
+        return f"{info.frames} samples, shorter than one hop ({min_samples})"
+    return None
+
+
+class Mel2Samp(torch.utils.data.Dataset):
+    """(mel (n_mel, segment_length // hop + 1), audio (segment_length,) in [-1, 1]) pairs cropped from clips.
+
+    Crops: `deterministic=True` gives each file one fixed crop (validation); otherwise the crop of item i is
+    a pure function of (seed, rank, epoch, i), so it is reproducible on resume and independent of the
+    DataLoader's worker count. Bad files: skip_bad_files=True drops files whose header is bad at construction
+    and replaces items that fail when read (counted in .skipped); strict=True raises instead.
+    """
+
+    def __init__(self, training_files, segment_length, filter_length, hop_length, win_length, sampling_rate,
+                 mel_fmin, mel_fmax, *, n_mel_channels=80, data_root=None, deterministic=False, seed=1234,
+                 rank=0, skip_bad_files=True, strict=False, resample=True):
+        if isinstance(training_files, (list, tuple)):
+            root = os.path.abspath(data_root or ".")
+            self.audio_files = [os.path.abspath(os.path.join(root, str(p))) for p in training_files]
+        else:
+            self.audio_files = files_to_list(training_files, data_root)
+        self.segment_length, self.hop_length, self.sampling_rate = segment_length, hop_length, sampling_rate
+        self.deterministic, self.seed, self.rank, self.epoch = deterministic, seed, rank, 0
+        self.skip_bad_files, self.strict, self.resample = skip_bad_files, strict, resample
+        self.stft = TacotronSTFT(filter_length, hop_length, win_length, n_mel_channels, sampling_rate,
+                                 mel_fmin, mel_fmax)
+        self.dropped = 0
+        if skip_bad_files or strict:
+            self._drop_bad_headers(training_files if isinstance(training_files, (str, os.PathLike)) else "the list")
+        # one flag per file in shared memory, so DataLoader workers' read-time failures count in the parent
+        self._failed = torch.zeros(len(self.audio_files), dtype=torch.uint8).share_memory_()
+
+    def _drop_bad_headers(self, source):
+        problems = [(p, _check_header(p, self.sampling_rate, self.hop_length)) for p in self.audio_files]
+        if not self.resample:  # a corpus at the wrong rate is a setup mistake, not a bad file to skip
+            rates = [(p, sf.info(p).samplerate) for p, problem in problems if not problem]
+            wrong = [f"{p} ({rate} Hz)" for p, rate in rates if rate != self.sampling_rate]
+            if wrong:
+                raise AudioError(source, f"{len(wrong)} files are not at {self.sampling_rate} Hz and resampling "
+                                         f"is off: {', '.join(wrong[:3])}; resample the corpus or allow it")
+        bad = [f"{p}: {problem}" for p, problem in problems if problem]
+        if not bad:
+            return
+        summary = f"{len(bad)} of {len(self.audio_files)} listed files are unusable: " + \
+                  "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        if self.strict:
+            raise AudioError(source, summary)
+        self.audio_files = [p for p, problem in problems if not problem]
+        self.dropped = len(bad)
+        logger.warning(f"{source}: skipping {summary}")
+        if not self.audio_files:
+            raise AudioError(source, "no usable audio files left: " + summary)
+
+    @property
+    def skipped(self):
+        """Files dropped at construction plus files that failed when read, in any DataLoader worker."""
+        return self.dropped + int(self._failed.sum())
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def get_mel(self, audio):
+        """1-D audio at int16 scale -> (n_mel, 1 + T // hop) log mel."""
+        return self.stft.mel_spectrogram((audio / MAX_WAV_VALUE).unsqueeze(0)).squeeze(0)
+
+    def _load(self, path):
+        audio, _ = load_wav_to_torch(path, self.sampling_rate, self.resample)
+        if audio.numel() < self.hop_length:
+            raise AudioError(path, f"{audio.numel()} samples, shorter than one hop ({self.hop_length})")
+        return audio
+
+    def _crop_start(self, index, path, length):
+        span = length - self.segment_length + 1
+        if self.deterministic:  # keyed by file name, so dropping or reordering files leaves other crops alone
+            key = [self.seed, zlib.crc32(os.path.basename(path).encode())]
+        else:
+            key = [self.seed, self.rank, self.epoch, index]
+        return int(np.random.default_rng(key).integers(0, span))
+
+    def __getitem__(self, index):
+        n, last_error = len(self.audio_files), None
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if self._failed[i]:
+                continue
+            try:
+                audio = self._load(self.audio_files[i])
+                break
+            except AudioError as error:
+                if self.strict or not self.skip_bad_files:
+                    raise
+                self._failed[i], last_error = 1, error
+                logger.warning(f"skipping {error} (item {index} takes another file)")
+        else:
+            raise AudioError(self.audio_files[index], f"no listed file could be loaded (last: {last_error})")
+        if audio.numel() >= self.segment_length:
+            start = self._crop_start(index, self.audio_files[i], audio.numel())
+            audio = audio[start:start + self.segment_length]
+        else:
+            audio = torch.nn.functional.pad(audio, (0, self.segment_length - audio.numel()))
+        return self.get_mel(audio), audio / MAX_WAV_VALUE
+
+    def __len__(self):
+        return len(self.audio_files)
+
+
+def load_mel_config(config_path):
+    """The data_config section of a config.json."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config {config_path} not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config {config_path} is not valid JSON: {error}") from None
+    data_config = config.get("data_config")
+    if not isinstance(data_config, dict):
+        raise ValueError(f"config {config_path} has no 'data_config' section (see config.json in this repo)")
+    missing = [key for key in MEL_KEYS if key not in data_config]
+    if missing:
+        raise ValueError(f"config {config_path}: data_config lacks {', '.join(missing)} (see config.json in this repo)")
+    return data_config
+
+
+def make_split(data_path, out_dir, n_test=10):
+    """The conventional split: first `n_test` sorted audio files are the test set, the rest train.
+
+    `data_path` is an LJ-Speech folder (wavs/) or a folder of audio files. Writes train_files.txt and
+    test_files.txt (absolute paths) into `out_dir`, never into the data folder. Returns both paths.
+    """
+    data_path = os.path.abspath(data_path)
+    audio_dir = os.path.join(data_path, "wavs") if os.path.isdir(os.path.join(data_path, "wavs")) else data_path
+    if not os.path.isdir(audio_dir):
+        raise FileNotFoundError(f"data folder {data_path} not found")
+    files = sorted(os.path.join(audio_dir, name) for name in os.listdir(audio_dir)
+                   if name.lower().endswith(AUDIO_EXTENSIONS))
+    if len(files) <= n_test:
+        raise ValueError(f"{audio_dir} holds {len(files)} audio files; the split needs more than n_test={n_test}")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.commonpath([os.path.realpath(out_dir), os.path.realpath(data_path)]) == os.path.realpath(data_path):
+        raise ValueError(f"file lists go beside the data, not into it: choose an output folder outside {data_path}")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name, subset in (("train_files.txt", files[n_test:]), ("test_files.txt", files[:n_test])):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("\n".join(subset) + "\n")
+        os.replace(path + ".tmp", path)
+        written.append(path)
+    return tuple(written)
+
+
+# ---- the mel CLI: whole files to <name>.wav.pt, in parallel ----
+_worker_stft, _worker_options = None, None
+
+
+def _init_worker(stft, resample):
+    global _worker_stft, _worker_options
+    torch.set_num_threads(1)  # the parallelism is across files
+    _worker_stft, _worker_options = stft, (stft.sampling_rate, resample)
+
+
+def _mel_file(path, output_dir):
+    """Write the mel of one whole file atomically; returns (path, None) or (path, problem)."""
+    tmp_path = None
+    try:
+        audio, _ = load_wav_to_torch(path, *_worker_options)
+        if audio.numel() <= _worker_stft.filter_length // 2:
+            raise AudioError(path, f"{audio.numel()} samples, too short for a mel "
+                                   f"(needs more than {_worker_stft.filter_length // 2})")
+        mel = _worker_stft.mel_spectrogram((audio / MAX_WAV_VALUE).unsqueeze(0)).squeeze(0).contiguous()
+        name = os.path.basename(path) + ".pt"
+        tmp_path = os.path.join(output_dir, f".{name}.{os.getpid()}.tmp")  # hidden until complete
+        torch.save(mel, tmp_path)
+        os.replace(tmp_path, os.path.join(output_dir, name))
+        return path, None
+    except Exception as error:  # reported per file; the others still get made
+        if tmp_path and os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        return path, str(error) if isinstance(error, AudioError) else f"{path}: {error!r}"
+
+
+def _write_mels(args):
+    from tqdm import tqdm
+    data_config = load_mel_config(args.config)
+    # built once here (the filterbank takes librosa a second) and handed to every worker
+    stft = TacotronSTFT(data_config["filter_length"], data_config["hop_length"], data_config["win_length"],
+                        data_config.get("n_mel_channels", 80), data_config["sampling_rate"],
+                        data_config["mel_fmin"], data_config["mel_fmax"])
+    files = files_to_list(args.filelist_path, args.data_root)
+    clashes = sorted(n for n, count in Counter(os.path.basename(p) for p in files).items() if count > 1)
+    if clashes:
+        sys.exit(f"error: several listed files share a name ({', '.join(clashes[:3])}); "
+                 f"outputs are named <file name>.pt, so rename them or make mels one folder at a time")
+    os.makedirs(args.output_dir, exist_ok=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(args.workers or cores, len(files)))
+    failures = []
+    with tqdm(total=len(files), unit="file") as progress:
+        if workers == 1:
+            _init_worker(stft, not args.no_resample)
+            for _, problem in (_mel_file(p, args.output_dir) for p in files):
+                failures += [problem] if problem else []
+                progress.update()
+        else:
+            with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker,
+                                                        initargs=(stft, not args.no_resample)) as pool:
+                futures = [pool.submit(_mel_file, p, args.output_dir) for p in files]
+                for future in concurrent.futures.as_completed(futures):
+                    _, problem = future.result()
+                    failures += [problem] if problem else []
+                    progress.update()
+    print(f"wrote {len(files) - len(failures)} mels to {args.output_dir}")
+    if failures:
+        print(f"{len(failures)} files failed and were skipped:", file=sys.stderr)
+        for problem in failures:
+            print("  " + problem, file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Mel spectrograms of whole audio files, or the train/test split")
+    parser.add_argument("-f", "--filelist_path", help="audio list (path or path|text lines) or LJ-Speech folder")
+    parser.add_argument("-o", "--output_dir", required=True, help="where the .wav.pt files or the lists go")
+    parser.add_argument("-c", "--config", help="config.json whose data_config defines the mel")
+    parser.add_argument("-j", "--workers", type=int, default=0, help="parallel processes (default: all cores)")
+    parser.add_argument("--data_root", default=None, help="folder that relative paths in the list start from")
+    parser.add_argument("--no_resample", action="store_true", help="refuse files at another sample rate")
+    parser.add_argument("--make_split", metavar="DATA_PATH", help="write train_files.txt and test_files.txt")
+    parser.add_argument("--n_test", type=int, default=10, help="files in the test list (first in sorted order)")
+    args = parser.parse_args(argv)
+    try:
+        if args.make_split:
+            train, test = make_split(args.make_split, args.output_dir, args.n_test)
+            print(f"wrote {train} and {test}")
+        elif args.filelist_path and args.config:
+            _write_mels(args)
+        else:
+            parser.error("give -f LIST -c CONFIG -o OUT_DIR to make mels, or --make_split DATA_PATH -o OUT_DIR")
+    except (FileNotFoundError, ValueError, AudioError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()
