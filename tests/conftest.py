@@ -5,13 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 LJ_SAMPLE = REPO.parent / "shared" / "data" / "LJSpeech-sample"
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per process: the suite starts several torch processes at once (DDP, launchers) on small
+# CI machines, and oversubscribed OpenMP threads spin and slow everything down many times over.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 TINY_WAVEGLOW = {
     "n_mel_channels": 80, "n_flows": 4, "n_group": 8, "n_early_every": 2, "n_early_size": 2,

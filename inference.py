@@ -1,0 +1,359 @@
+"""Speech from mel spectrograms (or copy synthesis from wavs) with a trained WaveGlow, and checkpoint evaluation.
+
+    python inference.py -f mel_files.txt -w checkpoints/waveglow_21000 -o out/ --is_fp16 -s 0.6 -d 0.1
+    python inference.py -w checkpoints/waveglow_21000 --eval_list test_files.txt -o eval/ [-c config.json]
+
+The list holds `.pt` mels ((80, F) or (1, 80, F) tensors, e.g. from `mel2samp.py` or Tacotron 2) and/or audio
+files, which are turned into mels first. Each input gives `<name without .pt>_synthesis.wav`, 16-bit PCM.
+File i of the list draws its noise from seed + i, so its audio does not depend on batching or chunking.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.io import wavfile
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_model
+from denoiser import Denoiser
+from distributed import autocast_dtype, select_device
+from evaluate import copy_synthesis_score, plot_mel_comparison, validation_nll
+from glow import UPSAMPLE_STRIDE
+from mel2samp import MAX_WAV_VALUE, MEL_KEYS, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
+SILENCE = math.log(1e-5)  # the log-mel floor: what padding frames hold
+EVAL_SIGMA, EVAL_SEED = 0.6, 1234
+
+
+class InputError(Exception):
+    """One input that cannot be synthesised; the others still are."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="WaveGlow inference: mels or wavs to speech; --eval_list evaluates")
+    parser.add_argument("-f", "--filelist_path", help="list of .pt mel files and/or audio files, one per line "
+                                                      "(relative paths: from the list's folder, else the cwd)")
+    parser.add_argument("-w", "--waveglow_path", required=True, help="checkpoint of any flavour")
+    parser.add_argument("-o", "--output_dir", required=True)
+    parser.add_argument("-s", "--sigma", type=float, default=None,
+                        help=f"noise scale (default 1.0, as upstream; {EVAL_SIGMA} in evaluation)")
+    parser.add_argument("--sampling_rate", type=int, default=None,
+                        help="rate written into the wavs (default: the config's, 22050 for config.json)")
+    parser.add_argument("--is_fp16", action="store_true",
+                        help="mixed precision: float16 autocast on CUDA/NPU, bfloat16 on CPU")
+    parser.add_argument("-d", "--denoiser_strength", type=float, default=0.0, help="bias-spectrum denoiser (0 = off)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:i] or npu[:i]")
+    parser.add_argument("--batch_size", type=int, default=1, help="mels per forward pass (grouped by length)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"noise seed; list file i uses seed + i (default random; {EVAL_SEED} in evaluation)")
+    parser.add_argument("-c", "--config", help="config.json for the mel of audio inputs (default: the "
+                                               "checkpoint's config, else the repo's config.json)")
+    parser.add_argument("--max_frames", type=int, default=None,
+                        help="longest mel per pass; longer ones go in crossfaded chunks "
+                             "(default 2000 frames on CPU, 4000 on GPU/NPU)")
+    parser.add_argument("--chunk_overlap", type=int, default=32, help="frames shared by neighbouring chunks")
+    parser.add_argument("--eval_list", help="evaluate on these clips: validation NLL and copy-synthesis mel L1")
+    args = parser.parse_args(argv)
+    if not args.filelist_path and not args.eval_list:
+        parser.error("give -f/--filelist_path to synthesise, or --eval_list to evaluate")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.chunk_overlap < 0:
+        parser.error("--chunk_overlap must not be negative")
+    return args
+
+
+def resolve_config(config_path, checkpoint):
+    """(data_config, training sigma, where they came from): -c, else the checkpoint's config, else config.json."""
+    if not config_path:
+        config = checkpoint.get("config") or {}
+        data = config.get("data_config") if isinstance(config, dict) else None
+        if isinstance(data, dict) and all(key in data for key in MEL_KEYS):
+            return data, config.get("train_config", {}).get("sigma", 1.0), "the checkpoint's config"
+        config_path = DEFAULT_CONFIG
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read config {config_path}: {error}") from None
+    data = config.get("data_config")
+    if not isinstance(data, dict) or any(key not in data for key in MEL_KEYS):
+        raise ValueError(f"config {config_path} lacks data_config with {', '.join(MEL_KEYS)}")
+    return data, config.get("train_config", {}).get("sigma", 1.0), config_path
+
+
+def make_stft(data, n_mel_channels):
+    return TacotronSTFT(data["filter_length"], data["hop_length"], data["win_length"], n_mel_channels,
+                        data["sampling_rate"], data["mel_fmin"], data["mel_fmax"])
+
+
+def output_name(path):
+    name = os.path.basename(path)
+    return (name[:-3] if name.endswith(".pt") else os.path.splitext(name)[0]) + "_synthesis.wav"
+
+
+def load_mel(path, n_mel_channels):
+    """A .pt mel file -> (n_mel, F) float32 tensor on the CPU."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    try:
+        mel = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: cannot read it as a torch tensor file ({reason})") from None
+    if not isinstance(mel, torch.Tensor):
+        raise InputError(f"{path}: holds a {type(mel).__name__}, not a mel tensor")
+    if mel.dim() == 3 and mel.size(0) == 1:
+        mel = mel[0]
+    if mel.dim() != 2 or mel.size(0) != n_mel_channels or mel.size(1) < 1:
+        raise InputError(f"{path}: mel of shape {tuple(mel.shape)}; the model takes ({n_mel_channels}, frames) "
+                         f"or (1, {n_mel_channels}, frames)")
+    mel = mel.float()
+    if not torch.isfinite(mel).all():
+        raise InputError(f"{path}: the mel contains NaN or infinite values")
+    return mel
+
+
+def mel_of_audio(path, stft):
+    """(mel (n_mel, F), audio (T,) in [-1, 1]) of an audio file at the config's sample rate."""
+    try:
+        audio, _ = load_wav_to_torch(path, stft.sampling_rate)
+        audio = audio / MAX_WAV_VALUE
+        return stft.mel_spectrogram(audio.unsqueeze(0))[0], audio
+    except (AudioError, ValueError) as error:
+        raise InputError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
+
+
+def make_noise(model, frames, sigma, seed, device):
+    """z (1, n_group, 256 * frames / n_group) as model.infer(mel, sigma, seed=seed) draws it."""
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    steps = UPSAMPLE_STRIDE * frames // model.n_group
+    return torch.randn(1, model.n_group, steps, device=device, generator=generator) * sigma
+
+
+def _reverse(model, mel, z, amp_dtype):
+    cast = torch.autocast(mel.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.no_grad(), cast:
+        return model.reverse(mel, z).float()
+
+
+def _fade_in(overlap_samples, device):
+    """0 over the first quarter of the overlap, a raised cosine to 1 over the middle half, 1 after.
+
+    The quarters are margins: there each chunk's edge (the upsampler's missing left context, the
+    convolutions' zero padding) would leak into the output, so only the other chunk is heard.
+    """
+    margin = overlap_samples // 4
+    ramp = overlap_samples - 2 * margin
+    rise = 0.5 - 0.5 * torch.cos(torch.linspace(0, math.pi, ramp + 2, device=device)[1:-1])
+    return torch.cat([torch.zeros(margin, device=device), rise, torch.ones(margin, device=device)])
+
+
+def synthesize(model, mel, z, amp_dtype=None, max_frames=2000, overlap=32):
+    """mel (B, n_mel, F), z (B, g, 256F/g) -> audio (B, 256F) float32; long mels in crossfaded chunks."""
+    frames = mel.size(2)
+    if frames <= max_frames:
+        return _reverse(model, mel, z, amp_dtype)
+    steps_per_frame = UPSAMPLE_STRIDE // model.n_group
+    fade_in = _fade_in(overlap * UPSAMPLE_STRIDE, mel.device)
+    audio = torch.zeros(mel.size(0), frames * UPSAMPLE_STRIDE, device=mel.device)
+    start = 0
+    while True:
+        end = min(start + max_frames, frames)
+        chunk = _reverse(model, mel[:, :, start:end], z[:, :, start * steps_per_frame:end * steps_per_frame],
+                         amp_dtype)
+        if start > 0:  # fade in over the overlap with the previous chunk, which fades out there
+            chunk[:, :fade_in.numel()] *= fade_in
+        if end < frames:
+            chunk[:, chunk.size(1) - fade_in.numel():] *= 1 - fade_in
+        audio[:, start * UPSAMPLE_STRIDE:end * UPSAMPLE_STRIDE] += chunk
+        if end == frames:
+            return audio
+        start = end - overlap
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def write_wav(path, audio, sampling_rate):
+    """16-bit PCM; clipped first, so loud peaks saturate instead of wrapping around to the opposite sign."""
+    samples = np.clip(audio.detach().float().cpu().numpy() * MAX_WAV_VALUE, -MAX_WAV_VALUE, MAX_WAV_VALUE - 1)
+    wavfile.write(path, sampling_rate, samples.astype(np.int16))
+
+
+class Synthesizer:
+    """Everything a pass needs, so synthesis and evaluation share one code path.
+
+    A batch pads its mels with silence (and zero noise) to the longest. Each clip then matches its
+    one-by-one synthesis except in its last few milliseconds, within the network's receptive field of
+    the end, where it hears silence instead of the end of the signal.
+    """
+
+    def __init__(self, model, device, amp_dtype, sigma, seed, max_frames, overlap, denoiser_strength):
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.sigma, self.seed, self.max_frames, self.overlap = sigma, seed, max_frames, overlap
+        self.denoiser_strength, self.denoiser = denoiser_strength, None
+        if denoiser_strength > 0:
+            cast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with cast:  # the bias is measured in the precision the audio will be made in
+                self.denoiser = Denoiser(model).to(device)
+
+    def warm_up(self):
+        """One short untimed pass: first calls pay for kernel selection and the cached 1x1 inverses."""
+        self([torch.full((self.model.n_mel_channels, 16), SILENCE)], [0])
+
+    def __call__(self, mels, indices):
+        """[(n_mel, F_i)] and their list positions -> [audio (256 F_i,)], one batch; returns (audios, seconds)."""
+        longest = max(mel.size(1) for mel in mels)
+        batch = torch.full((len(mels), mels[0].size(0), longest), SILENCE, device=self.device)
+        z = torch.zeros(len(mels), self.model.n_group, UPSAMPLE_STRIDE * longest // self.model.n_group,
+                        device=self.device)
+        for row, (mel, index) in enumerate(zip(mels, indices)):
+            batch[row, :, :mel.size(1)] = mel.to(self.device)
+            seed = None if self.seed is None else self.seed + index
+            z[row, :, :UPSAMPLE_STRIDE * mel.size(1) // self.model.n_group] = \
+                make_noise(self.model, mel.size(1), self.sigma, seed, self.device)[0]
+        synchronize(self.device)
+        started = time.perf_counter()
+        audio = synthesize(self.model, batch, z, self.amp_dtype, self.max_frames, self.overlap)
+        outputs = [audio[row, :UPSAMPLE_STRIDE * mel.size(1)] for row, mel in enumerate(mels)]
+        if self.denoiser is not None:
+            outputs = [self.denoiser(out, self.denoiser_strength) for out in outputs]
+        synchronize(self.device)
+        return outputs, time.perf_counter() - started
+
+
+def synthesize_list(args, synth, stft_maker, sampling_rate):
+    """Synthesise every listed input; returns the number of inputs that failed."""
+    paths = files_to_list(args.filelist_path)  # path or path|text lines; relative to the list, else the cwd
+    names = [output_name(path) for path in paths]
+    clashes = sorted({name for name in names if names.count(name) > 1})
+    if clashes:
+        raise ValueError(f"several inputs in {args.filelist_path} would be written to the same file "
+                         f"({', '.join(clashes[:3])}); list them in separate runs with their own -o")
+    n_mel = synth.model.n_mel_channels
+    items, failures = [], []
+    for index, path in enumerate(paths):
+        try:
+            mel = load_mel(path, n_mel) if path.endswith(".pt") else mel_of_audio(path, stft_maker())[0]
+            items.append((mel.size(1), index, path, mel))
+        except InputError as error:
+            failures.append(str(error))
+            print(f"error: {error}", file=sys.stderr)
+    items.sort(key=lambda item: item[0])  # similar lengths share a batch, so little padding
+    batches = [items[i:i + args.batch_size] for i in range(0, len(items), args.batch_size)]
+    if batches:
+        synth.warm_up()
+    total_audio, total_time = 0.0, 0.0
+    for batch in tqdm(batches, unit="batch", disable=not batches):
+        audios, seconds = synth([item[3] for item in batch], [item[1] for item in batch])
+        batch_audio = sum(a.numel() for a in audios) / sampling_rate
+        total_audio, total_time = total_audio + batch_audio, total_time + seconds
+        for (_, _, path, _), audio in zip(batch, audios):
+            out_path = os.path.join(args.output_dir, output_name(path))
+            write_wav(out_path, audio, sampling_rate)
+            tqdm.write(f"{out_path}: {audio.numel() / sampling_rate:.2f} s of audio, real-time factor "
+                       f"{batch_audio / seconds:.2f}" + (f" (batch of {len(batch)})" if len(batch) > 1 else ""))
+    if items:
+        print(f"Synthesised {len(items)} files, {total_audio:.2f} s of audio in {total_time:.2f} s: "
+              f"real-time factor {total_audio / total_time:.2f}")
+    if failures:
+        print(f"{len(failures)} of {len(paths)} inputs failed: " + "; ".join(failures), file=sys.stderr)
+    return len(failures)
+
+
+def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate):
+    """Validation NLL and copy-synthesis mel L1 over the eval list; writes eval.json. Returns failures."""
+    model = synth.model
+    dataset = Mel2Samp(args.eval_list, data["segment_length"], data["filter_length"], data["hop_length"],
+                       data["win_length"], data["sampling_rate"], data["mel_fmin"], data["mel_fmax"],
+                       n_mel_channels=model.n_mel_channels, deterministic=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
+    nll = validation_nll(model, loader, train_sigma, synth.device, synth.amp_dtype)
+    print(f"Validation NLL: {nll:.6f}")
+    stft = dataset.stft
+    synth.warm_up()
+    clips, failures, total_audio, total_time = [], [], 0.0, 0.0
+    for index, path in enumerate(tqdm(files_to_list(args.eval_list), unit="clip")):
+        try:
+            mel, audio = mel_of_audio(path, stft)
+        except InputError as error:
+            failures.append(str(error))
+            tqdm.write(f"error: {error}", file=sys.stderr)
+            continue
+        (output,), seconds = synth([mel], [index])
+        output = output[:audio.numel()]  # the input's length: the mel covered whole hops
+        score, reference_mel, output_mel = copy_synthesis_score(stft, audio, output)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        wav_path = os.path.join(args.output_dir, f"{stem}_synthesis.wav")
+        png_path = os.path.join(args.output_dir, f"{stem}_mel.png")
+        write_wav(wav_path, output, sampling_rate)
+        plot_mel_comparison(reference_mel, output_mel, png_path, f"{stem}: copy synthesis, mel L1 {score:.3f}")
+        clips.append({"file": path, "mel_l1": score, "wav": wav_path, "png": png_path})
+        total_audio, total_time = total_audio + audio.numel() / sampling_rate, total_time + seconds
+    mean_l1 = float(np.mean([clip["mel_l1"] for clip in clips])) if clips else float("nan")
+    print(f"Copy-synthesis mel L1: {mean_l1:.6f}")
+    if total_time > 0:
+        print(f"Copy synthesis: {total_audio:.2f} s of audio, real-time factor {total_audio / total_time:.2f}")
+    report = {"checkpoint": args.waveglow_path, "flavour": checkpoint["flavour"], "iteration": checkpoint["iteration"],
+              "validation_nll": nll, "nll_sigma": train_sigma, "copy_synthesis_mel_l1": mean_l1,
+              "sigma": synth.sigma, "seed": synth.seed, "denoiser_strength": args.denoiser_strength,
+              "real_time_factor": total_audio / total_time if total_time > 0 else None,
+              "clips": clips, "failed": failures}
+    with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    return len(failures) + (0 if clips else 1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = select_device(args.device)
+        amp_dtype, note = autocast_dtype(device, args.is_fp16)
+        if note:
+            print(f"note: {note}")
+        model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
+        print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
+        data, train_sigma, source = resolve_config(args.config, checkpoint)
+        sampling_rate = args.sampling_rate or int(data["sampling_rate"])
+        os.makedirs(args.output_dir, exist_ok=True)
+        evaluating = bool(args.eval_list)
+        sigma = args.sigma if args.sigma is not None else (EVAL_SIGMA if evaluating else 1.0)
+        seed = args.seed if args.seed is not None or not evaluating else EVAL_SEED
+        max_frames = args.max_frames or (2000 if device.type == "cpu" else 4000)
+        if max_frames <= 2 * args.chunk_overlap:  # neighbouring crossfades must not overlap each other
+            raise ValueError(f"--max_frames {max_frames} must exceed twice --chunk_overlap {args.chunk_overlap}")
+        synth = Synthesizer(model, device, amp_dtype, sigma, seed, max_frames, args.chunk_overlap,
+                            args.denoiser_strength)
+        stft_cache = []
+
+        def stft_maker():  # built on first use: only audio inputs need it
+            if not stft_cache:
+                print(f"mel settings of audio inputs from {source}")
+                stft_cache.append(make_stft(data, model.n_mel_channels))
+            return stft_cache[0]
+
+        failed = 0
+        if args.filelist_path:
+            failed += synthesize_list(args, synth, stft_maker, sampling_rate)
+        if evaluating:
+            failed += evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate)
+    except (CheckpointError, ValueError, RuntimeError, OSError, AudioError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
