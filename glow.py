@@ -5,6 +5,8 @@ match NVIDIA/waveglow, so its checkpoints load, but the code runs on today's PyT
 dtype. Under torch.autocast the WaveNet-like layers run in low precision while everything that touches
 the audio itself (1x1 convolutions, coupling, log-determinants, loss) stays in float32.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,6 +171,22 @@ def gated_activation(x, n_channels):
     return torch.tanh(x[:, :n_channels]) * torch.sigmoid(x[:, n_channels:])
 
 
+@contextlib.contextmanager
+def _native_cpu_kernels(tensor):
+    """On CPU, oneDNN builds a new deconvolution kernel for every new input shape, which takes seconds
+    for the 1024-tap upsampler (ruinous for inference on mels of varying length); torch's own kernel
+    runs as fast with no such cost."""
+    if tensor.device.type != "cpu":
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 class WaveGlow(nn.Module):
     def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
         super().__init__()
@@ -191,6 +209,10 @@ class WaveGlow(nn.Module):
             self.WN.append(WN(n_half, n_mel_channels * n_group, n_out_channels=2 * n_rest, **WN_config))
         self.n_remaining_channels = n_remaining_channels  # channels left at the last flow
 
+    def _upsample(self, spect):
+        with _native_cpu_kernels(spect):
+            return self.upsample(spect)  # (B, n_mel, 256*F + 768)
+
     def _group_mel(self, spect, n_samples):
         # spect: (B, n_mel, >= n_samples) upsampled mel -> (B, n_mel*g, T/g), channel = mel_bin*g + j
         g = self.n_group
@@ -211,7 +233,7 @@ class WaveGlow(nn.Module):
             raise ValueError(f"mel of {spect.size(2)} frames covers {available} samples, fewer than the "
                              f"{n_samples} audio samples; the mel must have at least "
                              f"{-(-(n_samples - UPSAMPLE_KERNEL + UPSAMPLE_STRIDE) // UPSAMPLE_STRIDE)} frames")
-        spect = self._group_mel(self.upsample(spect), n_samples)  # (B, n_mel*g, T/g)
+        spect = self._group_mel(self._upsample(spect), n_samples)  # (B, n_mel*g, T/g)
         audio = audio.unfold(1, self.n_group, self.n_group).permute(0, 2, 1)  # (B, g, T/g)
 
         output_audio, log_s_list, log_det_W_list = [], [], []
@@ -255,7 +277,7 @@ class WaveGlow(nn.Module):
         """Inverse of forward for a given z (B, g, T/g) in forward's channel order -> audio (B, T)."""
         self._check_mel(spect)
         n_samples = z.size(1) * z.size(2)
-        spect = self._group_mel(self.upsample(spect), n_samples)  # (B, n_mel*g, T/g)
+        spect = self._group_mel(self._upsample(spect), n_samples)  # (B, n_mel*g, T/g)
         if spect.size(2) != z.size(2):
             raise ValueError(f"z covers {n_samples} samples but the mel only {spect.size(2) * self.n_group}")
         n_early_outputs = (self.n_flows - 1) // self.n_early_every
