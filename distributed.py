@@ -1,7 +1,12 @@
-"""Device, precision and process-group decisions, in one place.
+"""Device, precision and process-group decisions, in one place, and the one-process-per-device launcher.
 
 Everything that asks "which device?", "which autocast dtype?" or "which backend?" calls this file;
 the training loop and inference read its answers instead of deriving their own.
+
+    python distributed.py -c config.json [train.py flags]          # one train.py per local GPU/NPU
+    python distributed.py --nproc_per_node 2 --device cpu -c config.json
+    python distributed.py --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 -c config.json
+    torchrun --nproc_per_node=8 train.py -c config.json            # the same, started by hand
 """
 import argparse
 import os
@@ -141,8 +146,7 @@ def choose_backend(device, requested="auto"):
     return requested
 
 
-def setup_distributed(device_name="auto", backend="auto", dist_url="env://", timeout_s=1800,
-                      rank_flag=None, group_name=""):
+def setup_distributed(device_name="auto", backend="auto", dist_url="env://", timeout_s=1800, rank_flag=None):
     """Pick this process's device and, for more than one process, join the process group.
 
     Returns (device, rank, world_size). The timeout bounds every collective, so a dead peer ends the
@@ -198,8 +202,8 @@ def all_reduce_sum(tensor):
 def make_grad_scaler(device, amp_dtype):
     """A GradScaler that is active only for float16 (bfloat16 has float32's range and needs none)."""
     enabled = amp_dtype == torch.float16
-    if device.type == "npu" and enabled and not hasattr(torch.amp, "GradScaler"):
-        return torch.npu.amp.GradScaler()
+    if device.type == "npu" and enabled:
+        return torch.npu.amp.GradScaler()  # torch_npu's own: NPUs report fp16 overflow their own way
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
@@ -222,6 +226,7 @@ def load_apex_amp(device):
 
 def launcher_args(argv):
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # never take a train.py flag for an abbreviated launcher flag
         description="Start train.py once per local GPU/NPU (or --nproc_per_node processes) via torchrun.",
         epilog="All other flags (e.g. -c config.json -batch_size 8) are passed to train.py.")
     parser.add_argument("--nproc_per_node", type=int, default=None,
@@ -232,7 +237,7 @@ def launcher_args(argv):
     parser.add_argument("--master_port", type=int, default=None,
                         help="a free port on the master (default: any free port for a single host, else 29500)")
     launcher, train_argv = parser.parse_known_args(argv)
-    device_parser = argparse.ArgumentParser(add_help=False)
+    device_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     device_parser.add_argument("--device", "-device", default="auto")
     device_name = device_parser.parse_known_args(train_argv)[0].device  # read, not consumed: train.py needs it too
     if launcher.nproc_per_node is None:

@@ -1,0 +1,121 @@
+"""distributed.py: rank/world mapping, backends, precision back-ends, and the one-process-per-device
+launcher running a real 2-process gloo training job that must match one process with twice the batch."""
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_WAVEGLOW, make_lj_corpus
+
+import distributed
+import train
+from glow import WaveGlow
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: one thread is fastest, and steady when other processes hold the cores
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_rank_and_world_come_from_torchrun_env():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert distributed.distributed_env(None, "cpu", env) == (3, 8, 1, "env")
+    assert distributed.distributed_env(3, "cpu", env) == (3, 8, 1, "env")  # agreeing -r is fine
+    with pytest.raises(ValueError, match="-r 2 conflicts with RANK=3"):
+        distributed.distributed_env(2, "cpu", env)
+    assert distributed.distributed_env(None, "cpu", {}) == (0, 1, 0, "single")
+
+
+def test_upstream_rank_flag_maps_to_world_size_or_local_devices():
+    assert distributed.distributed_env(0, "cpu", {}) == (0, 1, 0, "rank-flag")  # a CPU counts as one device
+    assert distributed.distributed_env(1, "cpu", {"WORLD_SIZE": "2"}) == (1, 2, 0, "rank-flag")
+    with pytest.raises(ValueError, match="outside the world of 2"):
+        distributed.distributed_env(2, "cpu", {"WORLD_SIZE": "2"})
+
+
+def test_backend_follows_the_device():
+    assert distributed.choose_backend(CPU, "auto") == "gloo"
+    assert distributed.choose_backend(CPU, "gloo") == "gloo"
+    with pytest.raises(ValueError, match="dist_backend is 'nccl' but training runs on cpu"):
+        distributed.choose_backend(CPU, "nccl")
+
+
+def test_precision_backends_on_cpu():
+    dtype, note = distributed.autocast_dtype(CPU, True)
+    assert dtype == torch.bfloat16 and "bfloat16" in note
+    assert not distributed.make_grad_scaler(CPU, dtype).is_enabled()  # bf16 needs no loss scaling
+    assert distributed.make_grad_scaler(CPU, torch.float16).is_enabled()
+    with pytest.raises(RuntimeError, match="--amp_backend apex needs a CUDA GPU or an Ascend NPU"):
+        distributed.load_apex_amp(CPU)
+
+
+def test_launcher_splits_its_flags_from_train_flags():
+    launcher, train_argv = distributed.launcher_args(["-c", "config.json", "--device", "cpu", "-batch_size", "4",
+                                                      "--nproc_per_node", "2"])
+    assert launcher.nproc_per_node == 2 and train_argv == ["-c", "config.json", "--device", "cpu", "-batch_size", "4"]
+    assert distributed.torchrun_argv(launcher, "train.py", train_argv) == \
+        ["--nproc_per_node=2", "--standalone", "train.py"] + train_argv
+    launcher, _ = distributed.launcher_args(["--device", "cpu", "-c", "c.json"])
+    assert launcher.nproc_per_node == 1  # one process on a CPU unless asked
+    launcher, _ = distributed.launcher_args(["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
+                                             "--nproc_per_node", "8"])
+    assert distributed.torchrun_argv(launcher, "train.py", []) == [
+        "--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.1", "--master_port=29500",
+        "train.py"]
+
+
+def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
+    """A real 2-process gloo job, started by the launcher (torchrun underneath), against one process.
+
+    Clips exactly one segment long leave no random crop, and DistributedSampler hands the two ranks
+    together the same clips as the single rank's double batch: the updates must agree.
+    """
+    segment = 2048
+    wavs = sorted((make_lj_corpus(tmp_path / "LJSpeech", n_clips=8, seconds=segment / 22050) / "wavs").glob("*.wav"))
+    (tmp_path / "train.txt").write_text("\n".join(map(str, wavs)) + "\n")
+    config = {"train_config": {"batch_size": 2, "learning_rate": 1e-3, "workers": 0, "step_stop": 2, "device": "cpu"},
+              "data_config": {"training_files": str(tmp_path / "train.txt"), "segment_length": segment},
+              "waveglow_config": {**TINY_WAVEGLOW, "n_mel_channels": 20}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    common = ["-c", str(tmp_path / "config.json"), "--dist_timeout", "120"]
+
+    result = subprocess.run([sys.executable, str(REPO / "distributed.py"), "--nproc_per_node", "2", *common,
+                             "-output_directory", str(tmp_path / "two_ranks")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    two_ranks_log = result.stdout
+    assert "on cpu x 2 processes" in two_ranks_log and "global batch 2 x 2 = 4 clips" in two_ranks_log
+    assert json.loads((tmp_path / "two_ranks" / "config.json").read_text())["dist_config"]["dist_timeout"] == 120
+
+    one_rank_log = io.StringIO()
+    with contextlib.redirect_stdout(one_rank_log):
+        assert train.main(common + ["-batch_size", "4", "-output_directory", str(tmp_path / "one_rank")]) == 0
+    one_rank_log = one_rank_log.getvalue()
+
+    def losses(log):  # rank 0 alone logs, once per iteration; the loss is averaged over the ranks
+        return [(int(i), float(loss)) for i, loss in re.findall(r"^(\d+):\tloss:(\S+)\ttime:", log, re.M)]
+    assert [i for i, _ in losses(two_ranks_log)] == [i for i, _ in losses(one_rank_log)] == [1, 2]
+    for (_, two), (_, one) in zip(losses(two_ranks_log), losses(one_rank_log)):
+        assert two == pytest.approx(one, abs=1e-6)
+    two_ranks = torch.load(tmp_path / "two_ranks" / "waveglow_2", weights_only=True)
+    one_rank = torch.load(tmp_path / "one_rank" / "waveglow_2", weights_only=True)
+    assert two_ranks["samples_seen"] == one_rank["samples_seen"] == 8
+    torch.manual_seed(1234)  # train.py's seed: the weights both runs started from
+    initial = WaveGlow(**config["waveglow_config"]).state_dict()
+    for name, weight in one_rank["model"].items():
+        assert torch.allclose(two_ranks["model"][name], weight, atol=1e-6), name
+        # two Adam steps move every weight (the first only the zero-initialised end layers)
+        assert not torch.allclose(weight, initial[name], atol=1e-5), name
