@@ -21,8 +21,8 @@ import argparse
 import os
 import pickle
 import re
+import secrets
 import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 
@@ -32,6 +32,7 @@ from glow import WaveGlow, remove_weightnorm
 
 FORMAT_NAME = "waveglow-pytorch"
 FORMAT_VERSION = 1
+TEMP_SUFFIX = ".tmp"  # save_checkpoint writes ".<name>.<random>.tmp" first, then renames it to <name>
 
 
 class CheckpointError(Exception):
@@ -56,7 +57,11 @@ def save_checkpoint(path, checkpoint):
     temp_path = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, temp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        candidate = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        # Created like any new file (0666 less the umask), so a team or an inference service running as
+        # another user can read the checkpoint; tempfile.mkstemp would make it private to its owner.
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        temp_path = candidate
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -69,6 +74,29 @@ def save_checkpoint(path, checkpoint):
             os.remove(temp_path)
         raise CheckpointError(f"could not save checkpoint {path}: {error}; any previous file there is "
                               f"unchanged (check free disk space and that the folder is writable)") from error
+
+
+def remove_interrupted_saves(folder, prefix=""):
+    """Delete the hidden temp files that interrupted saves (kill -9, power loss) left in `folder`.
+
+    Only those of checkpoints whose names start with `prefix` are touched. They are never mistaken for
+    checkpoints, but each is as large as one. Call this only where nothing else is saving into `folder`
+    at the same time. Returns the names removed.
+    """
+    # save_checkpoint's temp names: "." + checkpoint name + "." + 8 random characters + suffix
+    pattern = re.compile(r"^\." + re.escape(prefix) + r".*\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+    try:
+        names = sorted(name for name in os.listdir(folder) if pattern.match(name))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def _fsync_folder(folder):

@@ -29,9 +29,19 @@ _already_warned = set()  # a corpus of stereo or 44.1 kHz files says so once per
 class AudioError(Exception):
     """An audio file that cannot be used; the message names the file and the problem."""
 
-    def __init__(self, path, problem):
+    def __init__(self, path, problem=None):
+        if problem is None:  # rebuilt from one message: a DataLoader worker's error re-raised in the main process
+            lines = [line for line in str(path).splitlines() if line.strip()]
+            message = lines[-1].split("AudioError: ", 1)[-1] if lines else str(path)  # the original, not its traceback
+            path, problem = message.split(": ", 1) if ": " in message else (message, "unusable")
         super().__init__(f"{path}: {problem}")
         self.path, self.problem = str(path), problem
+
+
+def _soundfile_path(path):
+    # soundfile encodes str paths strictly as UTF-8, which fails for names that are not (Python keeps their
+    # bytes as surrogates); the bytes themselves open any name the OS can. Windows takes wide-char str paths.
+    return os.fsencode(path) if os.name != "nt" else path
 
 
 def _warn_once(issue, message):
@@ -53,9 +63,10 @@ def load_wav_to_torch(path, sampling_rate=None, resample=True):
         raise AudioError(path, "empty file (0 bytes)")
     try:
         # float32 holds every 16- and 24-bit sample exactly; libsndfile scales integer files to [-1, 1)
-        audio, file_rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as error:
-        raise AudioError(path, f"cannot read it as audio (corrupt or unsupported format): {error}") from None
+        audio, file_rate = sf.read(_soundfile_path(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        reason = getattr(error, "error_string", None) or error  # libsndfile's reason, without the path again
+        raise AudioError(path, f"cannot read it as audio (corrupt or unsupported format): {reason}") from None
     if audio.shape[0] == 0:
         raise AudioError(path, "contains no samples")
     if not np.isfinite(audio).all():
@@ -127,7 +138,7 @@ def _audio_files_in(folder):
     wavs = os.path.join(folder, "wavs")
     metadata = os.path.join(folder, "metadata.csv")
     if os.path.isdir(wavs) and os.path.isfile(metadata):
-        with open(metadata, encoding="utf-8") as f:
+        with open(metadata, encoding="utf-8", errors="surrogateescape") as f:  # see files_to_list
             ids = [line.split("|")[0].strip() for line in f if line.strip()]
         return [os.path.join(wavs, clip_id + ".wav") for clip_id in ids]
     audio_dir = wavs if os.path.isdir(wavs) else folder
@@ -147,7 +158,9 @@ def files_to_list(filename_or_folder, data_root=None):
     elif os.path.basename(source) == "metadata.csv":
         paths, base = _audio_files_in(os.path.dirname(os.path.abspath(source))), None
     elif os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
+        # Bytes that are not UTF-8 (a file name in another encoding, a Latin-1 transcript) pass through as
+        # surrogates, which the os functions turn back into the same bytes: such a file is found, not a crash.
+        with open(source, encoding="utf-8", errors="surrogateescape") as f:
             paths = [line.split("|")[0].strip() for line in f if line.strip()]
         base = os.path.dirname(os.path.abspath(source))
     else:
@@ -170,9 +183,9 @@ def _check_header(path, sampling_rate, min_samples):
     if not os.path.isfile(path):
         return "file not found"
     try:
-        info = sf.info(path)
-    except (sf.LibsndfileError, RuntimeError) as error:
-        return f"cannot read it as audio (corrupt or unsupported format): {error}"
+        info = sf.info(_soundfile_path(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        return f"cannot read it as audio (corrupt or unsupported format): {getattr(error, 'error_string', None) or error}"
     if info.frames == 0:
         return "contains no samples"
     if info.frames * sampling_rate / info.samplerate < min_samples:
@@ -211,7 +224,7 @@ class Mel2Samp(torch.utils.data.Dataset):
     def _drop_bad_headers(self, source):
         problems = [(p, _check_header(p, self.sampling_rate, self.hop_length)) for p in self.audio_files]
         if not self.resample:  # a corpus at the wrong rate is a setup mistake, not a bad file to skip
-            rates = [(p, sf.info(p).samplerate) for p, problem in problems if not problem]
+            rates = [(p, sf.info(_soundfile_path(p)).samplerate) for p, problem in problems if not problem]
             wrong = [f"{p} ({rate} Hz)" for p, rate in rates if rate != self.sampling_rate]
             if wrong:
                 raise AudioError(source, f"{len(wrong)} files are not at {self.sampling_rate} Hz and resampling "

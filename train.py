@@ -17,6 +17,12 @@ Signals: SIGTERM or SIGINT finish the current step, save a checkpoint and exit (
 130 for SIGINT, the shell convention); a second SIGINT stops at once. Other exit codes: 2 for a
 configuration error, 1 for unusable data or checkpoints and for max_nonfinite_steps non-finite steps
 in a row (such steps are skipped and never change the weights).
+
+Faults: unusable training files (unreadable, empty, NaN samples, shorter than a hop) are skipped and
+counted, or stop the run naming the file with strict_data. Checkpoints are written atomically, so a
+kill -9 leaves the previous ones whole (and the hidden partial file is removed at the next start); a
+save that fails (disk full) stops the run naming the last good checkpoint. dist_timeout bounds how long
+a rank waits for a dead or hung peer.
 """
 import argparse
 import json
@@ -33,11 +39,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, remove_interrupted_saves,
+                        save_checkpoint)
 from distributed import (all_reduce_sum, autocast_dtype, cleanup_distributed, load_apex_amp, make_grad_scaler,
                          setup_distributed, unwrap, wrap_ddp)
 from evaluate import validation_nll
-from glow import WaveGlow, WaveGlowLoss
+from glow import UPSAMPLE_STRIDE, WaveGlow, WaveGlowLoss
 from mel2samp import AudioError, Mel2Samp
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,6 +72,7 @@ DEFAULTS = {
         "workers": 1,                 # DataLoader worker processes per rank
         "grad_clip_thresh": 0.0,      # clip the gradient norm to this (0: no clipping)
         "max_nonfinite_steps": 20,    # stop after this many non-finite steps in a row
+        "strict_data": False,         # an unusable audio file stops the run (default: skipped and counted)
     },
     "data_config": {
         "training_files": "train_files.txt",
@@ -95,7 +103,7 @@ DEFAULTS = {
 OVERRIDES = [(("-" + key, "--" + key), "train_config", key) for key in (
     "fp16_run", "output_directory", "epochs", "learning_rate", "sigma", "iters_per_checkpoint", "seed",
     "checkpoint_path", "with_tensorboard", "step_stop", "warm_start", "device", "amp_backend",
-    "validation_files", "iters_per_validation", "workers", "grad_clip_thresh", "max_nonfinite_steps")]
+    "validation_files", "iters_per_validation", "workers", "grad_clip_thresh", "max_nonfinite_steps", "strict_data")]
 OVERRIDES += [(("-batch_size", "--batch_size", "--batch-size"), "train_config", "batch_size"),
               (("-training_files", "--training_files"), "data_config", "training_files"),
               (("-segment_length", "--segment_length"), "data_config", "segment_length"),
@@ -156,8 +164,8 @@ def merge(defaults, given, where):
                 isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
             value = float(value)
         elif isinstance(default, str) and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -196,6 +204,10 @@ def check_values(config):
     if data["mel_fmax"] is not None and not data["mel_fmin"] < data["mel_fmax"] <= data["sampling_rate"] / 2:
         raise ConfigError(f"data_config.mel_fmax must lie above mel_fmin and at most half the sampling rate, "
                           f"got {data['mel_fmax']!r}")
+    if data["hop_length"] != UPSAMPLE_STRIDE:
+        raise ConfigError(f"data_config.hop_length must be {UPSAMPLE_STRIDE}, got {data['hop_length']}: the model's "
+                          f"upsampler turns each mel frame into {UPSAMPLE_STRIDE} samples, so mels of another hop "
+                          f"would not line up with the audio")
     segment, n_group = data["segment_length"], model["n_group"]
     if isinstance(n_group, int) and n_group > 0 and segment % n_group:
         raise ConfigError(f"data_config.segment_length {segment} must be a multiple of waveglow_config.n_group "
@@ -216,8 +228,13 @@ def resolve_config(argv=None):
             given = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {args.config} not found: pass -c path/to/config.json") from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {args.config} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {args.config}: {error}") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"config file {args.config} must hold a JSON object with train_config, data_config, "
+                          f"dist_config and waveglow_config sections, got {type(given).__name__}")
     config = merge(DEFAULTS, given, "")
     for _, section, key in OVERRIDES:
         if getattr(args, key) is not None:
@@ -292,7 +309,7 @@ def mel2samp(files, config, rank=0, deterministic=False):
         return Mel2Samp(files, data["segment_length"], data["filter_length"], data["hop_length"],
                         data["win_length"], data["sampling_rate"], data["mel_fmin"], data["mel_fmax"],
                         n_mel_channels=config["waveglow_config"]["n_mel_channels"], seed=config["train_config"]["seed"],
-                        rank=rank, deterministic=deterministic)
+                        rank=rank, deterministic=deterministic, strict=config["train_config"]["strict_data"])
     except ValueError as error:  # e.g. a list with no audio in it
         raise ConfigError(str(error)) from None
 
@@ -366,7 +383,10 @@ def train(config, rank_flag=None, group_name=""):
     except ValueError as error:
         raise ConfigError(f"waveglow_config: {error}") from None
     criterion = WaveGlowLoss(tc["sigma"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc["learning_rate"])
+    # The fused Adam kernel makes one pass over the ~88 M parameters instead of several (CPU and CUDA);
+    # apex and other devices keep the default implementation.
+    fused = device.type in ("cpu", "cuda") and apex_amp is None
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc["learning_rate"], fused=fused or None)
     scaler = make_grad_scaler(device, amp_dtype)
 
     trainset = mel2samp(data["training_files"], config, rank)  # raises naming the list or file
@@ -396,9 +416,20 @@ def train(config, rank_flag=None, group_name=""):
 
     writer = None
     if rank == 0:
-        os.makedirs(tc["output_directory"], exist_ok=True)
-        with open(os.path.join(tc["output_directory"], "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=4)
+        config_path = os.path.join(tc["output_directory"], "config.json")
+        try:
+            os.makedirs(tc["output_directory"], exist_ok=True)
+            with open(config_path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=4)
+            os.replace(config_path + ".tmp", config_path)  # a kill mid-write leaves the previous one whole
+        except OSError as error:
+            raise CheckpointError(f"cannot write to output_directory {tc['output_directory']}: {error}") from None
+        # A run killed mid-save (kill -9, a pre-empted job) leaves a hidden partial file as large as a checkpoint;
+        # restarts after many such kills would fill the disk with them.
+        removed = remove_interrupted_saves(tc["output_directory"], prefix="waveglow_")
+        if removed:
+            log(f"note: removed {len(removed)} partial checkpoint file{'s' if len(removed) > 1 else ''} that an "
+                f"interrupted save left in {tc['output_directory']} ({', '.join(removed[:3])})")
         if tc["with_tensorboard"]:
             from tensorboardX import SummaryWriter
             writer = SummaryWriter(os.path.join(tc["output_directory"], "logs"))
@@ -412,18 +443,29 @@ def train(config, rank_flag=None, group_name=""):
     log(f"{len(trainset)} training clips, global batch {batch_size} x {world_size} = {global_batch} clips of "
         f"{data['segment_length']} samples, {batches_per_epoch} iterations per epoch")
 
+    saved = []  # paths of the checkpoints this run wrote
+
     def save(iteration, epoch, batches_done):
         if batches_done == batches_per_epoch:
             epoch, batches_done = epoch + 1, 0
         path = os.path.join(tc["output_directory"], f"waveglow_{iteration}")
         if rank == 0:
-            save_checkpoint(path, {
-                "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                "model": unwrap(model).state_dict(), "iteration": iteration, "optimizer": optimizer.state_dict(),
-                "learning_rate": tc["learning_rate"], "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "amp": apex_amp.state_dict() if apex_amp is not None else None, "config": config,
-                "epoch": epoch, "samples_in_epoch": batches_done * global_batch,
-                "samples_seen": samples_seen, "world_size": world_size, "rng": rng_states(device)})
+            try:
+                save_checkpoint(path, {
+                    "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    "model": unwrap(model).state_dict(), "iteration": iteration, "optimizer": optimizer.state_dict(),
+                    "learning_rate": tc["learning_rate"],
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "amp": apex_amp.state_dict() if apex_amp is not None else None, "config": config,
+                    "epoch": epoch, "samples_in_epoch": batches_done * global_batch,
+                    "samples_seen": samples_seen, "world_size": world_size, "rng": rng_states(device)})
+            except CheckpointError as error:  # a full disk, say: stop, pointing at what is safe to resume from
+                kept = f"the newest complete checkpoint of this run is {saved[-1]}" if saved else \
+                    "this run saved no checkpoint before"
+                if not saved and tc["checkpoint_path"]:
+                    kept += f"; it started from {tc['checkpoint_path']}"
+                raise CheckpointError(f"{error}. Training stopped at iteration {iteration}; {kept}") from None
+            saved.append(path)
             log(f"Saved checkpoint {path}")
         return path
 
