@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from bench import BaselineWaveGlow
 from conftest import REPO, TINY_WAVEGLOW
 from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
 
@@ -32,82 +31,19 @@ def batch(n_samples=2048, batch_size=2, seed=1):
     return mel, audio
 
 
-class ReferenceWaveGlow(nn.Module):
-    """A deliberately plain re-statement of upstream's forward pass, used to check glow.py's layout.
-
-    torch's legacy weight_norm gives the same parameter names as upstream, so the same state dict loads.
-    """
-
-    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
-        super().__init__()
-        wn = torch.nn.utils.weight_norm
-        C, L, k = WN_config["n_channels"], WN_config["n_layers"], WN_config["kernel_size"]
-        self.n_group, self.n_early_every, self.n_early_size, self.C, self.L = n_group, n_early_every, n_early_size, C, L
-        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 1024, stride=256)
-        self.WN, self.convinv = nn.ModuleList(), nn.ModuleList()
-        remaining = n_group
-        for flow in range(n_flows):
-            if flow % n_early_every == 0 and flow > 0:
-                remaining -= n_early_size
-            half = remaining // 2
-            block = nn.Module()
-            block.start = wn(nn.Conv1d(half, C, 1))
-            block.end = nn.Conv1d(C, 2 * half, 1)
-            block.cond_layer = wn(nn.Conv1d(n_mel_channels * n_group, 2 * C * L, 1))
-            block.in_layers = nn.ModuleList(
-                wn(nn.Conv1d(C, 2 * C, k, dilation=2 ** i, padding=(k * 2 ** i - 2 ** i) // 2)) for i in range(L))
-            block.res_skip_layers = nn.ModuleList(
-                wn(nn.Conv1d(C, 2 * C if i < L - 1 else C, 1)) for i in range(L))
-            self.WN.append(block)
-            inv = nn.Module()
-            inv.conv = nn.Conv1d(remaining, remaining, 1, bias=False)
-            self.convinv.append(inv)
-
-    def forward(self, mel, audio):
-        B, T = audio.shape
-        g = self.n_group
-        mel = self.upsample(mel)[:, :, :T]
-        mel = mel.reshape(B, mel.size(1), T // g, g).permute(0, 1, 3, 2).reshape(B, -1, T // g)
-        x = audio.reshape(B, T // g, g).transpose(1, 2)
-        outputs, total_log_s, total_log_det = [], 0.0, 0.0
-        for flow, (block, inv) in enumerate(zip(self.WN, self.convinv)):
-            if flow % self.n_early_every == 0 and flow > 0:
-                outputs.append(x[:, :self.n_early_size])
-                x = x[:, self.n_early_size:]
-            W = inv.conv.weight
-            x = F.conv1d(x, W)
-            total_log_det = total_log_det + B * (T // g) * torch.logdet(W.squeeze(2))
-            half = x.size(1) // 2
-            h = block.start(x[:, :half])
-            cond = block.cond_layer(mel)
-            skip = 0
-            for i in range(self.L):
-                act = block.in_layers[i](h) + cond[:, 2 * self.C * i:2 * self.C * (i + 1)]
-                act = torch.tanh(act[:, :self.C]) * torch.sigmoid(act[:, self.C:])
-                rs = block.res_skip_layers[i](act)
-                if i < self.L - 1:
-                    h = h + rs[:, :self.C]
-                    skip = skip + rs[:, self.C:]
-                else:
-                    skip = skip + rs
-            out = block.end(skip)
-            shift, log_s = out[:, :half], out[:, half:]
-            x = torch.cat([x[:, :half], torch.exp(log_s) * x[:, half:] + shift], 1)
-            total_log_s = total_log_s + log_s.sum()
-        outputs.append(x)
-        return torch.cat(outputs, 1), total_log_s, total_log_det
-
-
 def test_matches_plain_restatement_of_upstream_math():
+    """bench.py's baseline restates upstream's forward pass the plain way (torch's own weight norm,
+    reshapes instead of unfold); the same upstream-named state dict must give the same numbers."""
     model = make_model()
-    reference = ReferenceWaveGlow(**TINY_WAVEGLOW)
-    reference.load_state_dict(model.state_dict())  # upstream key names load into both
+    reference = BaselineWaveGlow(**TINY_WAVEGLOW)
+    reference.load_upstream_state_dict(model.state_dict())
     mel, audio = batch()
     z, log_s_list, log_det_list = model((mel, audio))
-    z_ref, log_s_ref, log_det_ref = reference(mel, audio)
+    z_ref, log_s_ref, log_det_ref = reference((mel, audio))
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sum(s.sum() for s in log_s_list), log_s_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(sum(log_det_list), log_det_ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sum(s.sum() for s in log_s_list), sum(s.sum() for s in log_s_ref), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum(log_det_list), sum(log_det_ref), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(model.reverse(mel, z), reference.reverse(mel, z), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -320,3 +256,37 @@ def test_bad_inputs_are_clear_errors():
         model((mel[:, :40], audio))
     with pytest.raises(ValueError, match=r"mel must be \(batch, 80, frames\)"):
         model.infer(mel[0])
+
+
+@pytest.mark.parametrize("kernel_size, dilation, batch_size", [(3, 4, 2), (3, 1, 1), (1, 1, 3), (5, 2, 2)])
+def test_cpu_bfloat16_matmul_convolution_matches_conv1d(kernel_size, dilation, batch_size):
+    """The bf16 CPU layers run as matrix products with a hand-written backward: check both directions."""
+    import torch.nn.functional as F
+    from glow import _conv1d_as_matmul
+    padding = (kernel_size * dilation - dilation) // 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 16, 40, generator=generator, requires_grad=True)
+    weight = torch.randn(24, 16, kernel_size, generator=generator, requires_grad=True)
+    bias = torch.randn(24, generator=generator, requires_grad=True)
+    grad_out = torch.randn(batch_size, 24, 40, generator=generator)
+    y = _conv1d_as_matmul(x, weight, bias, padding, dilation)
+    grads = torch.autograd.grad(y, (x, weight, bias), grad_out)
+    y_ref = F.conv1d(x, weight, bias, padding=padding, dilation=dilation)
+    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_out)
+    assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_bfloat16_training_gradients_match_float32():
+    model = make_model()
+    mel, audio = batch()
+    WaveGlowLoss()(model((mel, audio))).backward()
+    grads32 = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = WaveGlowLoss()(model((mel, audio)))
+    loss.backward()
+    for (name, p), g32 in zip(model.named_parameters(), grads32):
+        error = ((p.grad - g32).norm() / g32.norm()).item()
+        assert error < 0.1, f"{name}: bf16 gradient off by {error:.3f}"

@@ -1,0 +1,383 @@
+"""Speed and memory of WaveGlow against the machine's own limit, all measured in one run.
+
+    python bench.py                      # config.json model, CPU or GPU picked automatically
+    python bench.py --device cuda --train_batch 10 --train_segment 16000
+    python bench.py --quick              # small shapes, a smoke run
+
+It prints the machine limit (a 256->512, k=3 Conv1d over a long sequence and a large matmul, float32 and
+low precision), the model's FLOP count, training throughput (output audio samples per second) and
+inference real-time factor, each with the achieved FLOP/s as a share of the measured limit, and peak
+memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
+(BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside ours so the
+speed-ups are measured in the same run, on the same weights. GPU timings synchronise the device.
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed import autocast_dtype, select_device
+from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
+from mel2samp import TacotronSTFT
+
+
+class BaselineWaveGlow(nn.Module):
+    """The same WaveGlow math written the plain way, in float32: the yardstick for our speed-ups."""
+
+    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
+        super().__init__()
+        weight_norm = torch.nn.utils.parametrizations.weight_norm
+        C, L, k = WN_config["n_channels"], WN_config["n_layers"], WN_config["kernel_size"]
+        self.n_group, self.n_early_every, self.n_early_size, self.C, self.L = n_group, n_early_every, n_early_size, C, L
+        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 1024, stride=256)
+        self.WN, self.convinv = nn.ModuleList(), nn.ModuleList()
+        remaining = n_group
+        for flow in range(n_flows):
+            if flow % n_early_every == 0 and flow > 0:
+                remaining -= n_early_size
+            half = remaining // 2
+            block = nn.Module()
+            block.start = weight_norm(nn.Conv1d(half, C, 1))
+            block.end = nn.Conv1d(C, 2 * (remaining - half), 1)
+            block.cond_layer = weight_norm(nn.Conv1d(n_mel_channels * n_group, 2 * C * L, 1))
+            block.in_layers = nn.ModuleList(weight_norm(
+                nn.Conv1d(C, 2 * C, k, dilation=2 ** i, padding=(k * 2 ** i - 2 ** i) // 2)) for i in range(L))
+            block.res_skip_layers = nn.ModuleList(weight_norm(nn.Conv1d(C, 2 * C if i < L - 1 else C, 1))
+                                                  for i in range(L))
+            self.WN.append(block)
+            inv = nn.Module()
+            inv.conv = nn.Conv1d(remaining, remaining, 1, bias=False)
+            self.convinv.append(inv)
+
+    def load_upstream_state_dict(self, state_dict):
+        renamed = {}
+        for name, value in state_dict.items():
+            name = name.replace(".weight_g", ".parametrizations.weight.original0")
+            renamed[name.replace(".weight_v", ".parametrizations.weight.original1")] = value
+        self.load_state_dict(renamed)
+
+    def coupling(self, block, x_a, mel):
+        h = block.start(x_a)
+        cond = block.cond_layer(mel)
+        skip = 0
+        for i in range(self.L):
+            act = block.in_layers[i](h) + cond[:, 2 * self.C * i:2 * self.C * (i + 1)]
+            act = torch.tanh(act[:, :self.C]) * torch.sigmoid(act[:, self.C:])
+            res_skip = block.res_skip_layers[i](act)
+            if i < self.L - 1:
+                h = h + res_skip[:, :self.C]
+                skip = skip + res_skip[:, self.C:]
+            else:
+                skip = skip + res_skip
+        return block.end(skip)
+
+    def group_mel(self, mel, n_samples):
+        B, g = mel.size(0), self.n_group
+        mel = self.upsample(mel)[:, :, :n_samples]
+        return mel.reshape(B, mel.size(1), n_samples // g, g).permute(0, 1, 3, 2).reshape(B, -1, n_samples // g)
+
+    def forward(self, inputs):
+        mel, audio = inputs
+        B, T = audio.shape
+        mel = self.group_mel(mel, T)
+        x = audio.reshape(B, T // self.n_group, self.n_group).transpose(1, 2)
+        outputs, log_s_list, log_det_list = [], [], []
+        for flow, (block, inv) in enumerate(zip(self.WN, self.convinv)):
+            if flow % self.n_early_every == 0 and flow > 0:
+                outputs.append(x[:, :self.n_early_size])
+                x = x[:, self.n_early_size:]
+            x = inv.conv(x)
+            log_det_list.append(B * (T // self.n_group) * torch.logdet(inv.conv.weight.squeeze(2)))
+            half = x.size(1) // 2
+            out = self.coupling(block, x[:, :half], mel)
+            n_rest = x.size(1) - half
+            x = torch.cat([x[:, :half], torch.exp(out[:, n_rest:]) * x[:, half:] + out[:, :n_rest]], 1)
+            log_s_list.append(out[:, n_rest:])
+        outputs.append(x)
+        return torch.cat(outputs, 1), log_s_list, log_det_list
+
+    @torch.no_grad()
+    def reverse(self, mel, z):
+        n_samples = z.size(1) * z.size(2)
+        mel = self.group_mel(mel, n_samples)
+        n_exits = (len(self.WN) - 1) // self.n_early_every
+        early_end = self.n_early_size * n_exits
+        x = z[:, early_end:]
+        for flow in reversed(range(len(self.WN))):
+            half = x.size(1) // 2
+            out = self.coupling(self.WN[flow], x[:, :half], mel)
+            n_rest = x.size(1) - half
+            x = torch.cat([x[:, :half], (x[:, half:] - out[:, :n_rest]) / torch.exp(out[:, n_rest:])], 1)
+            x = F.conv1d(x, torch.inverse(self.convinv[flow].conv.weight.squeeze(2)).unsqueeze(2))
+            if flow % self.n_early_every == 0 and flow > 0:
+                early_end -= self.n_early_size
+                x = torch.cat([z[:, early_end:early_end + self.n_early_size], x], 1)
+        return x.permute(0, 2, 1).reshape(x.size(0), -1)
+
+
+def macs_per_sample(model):
+    """Forward multiply-adds per output sample, from the layer shapes (weight norm folded; biases ignored).
+
+    Every WN and 1x1-conv layer runs once per group of n_group samples, with out*in*k MACs each time; the
+    upsampler makes 256 samples per mel frame with 80*80*1024 MACs per frame.
+    """
+    per_group = 0
+    for flow in range(model.n_flows):
+        per_group += model.convinv[flow].conv.weight.numel()
+        for module in model.WN[flow].modules():
+            if isinstance(module, nn.Conv1d) or hasattr(module, "effective_weight"):
+                weight = module.weight if isinstance(module, nn.Conv1d) else module.effective_weight()
+                per_group += weight.numel()
+    upsample = model.upsample.weight.numel() / model.upsample.stride[0]
+    return per_group / model.n_group + upsample
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "npu":
+        torch.npu.synchronize()
+
+
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the process's peak resident set size
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def machine_limit(device, low_dtypes, length, matmul_size, repeats):
+    """Achieved GFLOP/s of a 256->512 k=3 Conv1d and an NxN matmul: what this machine can do here and now."""
+    limits = {}
+    for dtype in [torch.float32] + low_dtypes:
+        x = torch.randn(1, 256, length, device=device, dtype=dtype)
+        w = torch.randn(512, 256, 3, device=device, dtype=dtype)
+        seconds = timed(lambda: F.conv1d(x, w, padding=1), device, repeats)
+        limits[f"conv1d {dtype_name(dtype)}"] = 2 * 512 * 256 * 3 * length / seconds / 1e9
+        a = torch.randn(matmul_size, matmul_size, device=device, dtype=dtype)
+        seconds = timed(lambda: a @ a, device, repeats)
+        limits[f"matmul {dtype_name(dtype)}"] = 2 * matmul_size ** 3 / seconds / 1e9
+    return limits
+
+
+def dtype_name(dtype):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def training_throughput(model, device, amp, batch, segment, steps, fused_adam):
+    """Output audio samples per second of full training steps (forward, backward, Adam)."""
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused_adam or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    criterion = WaveGlowLoss(1.0)
+    mel = torch.randn(batch, 80, segment // 256 + 1, device=device)
+    audio = torch.rand(batch, segment, device=device) * 2 - 1
+
+    def step():
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = criterion(model((mel, audio)))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    reset_peak_memory(device)
+    seconds = timed(step, device, steps)
+    return batch * segment / seconds, peak_memory_mib(device)
+
+
+def inference_rtf(model, device, amp, mel, sampling_rate, repeats, seed=0):
+    """Real-time factor (seconds of audio per second of wall time) and the audio itself."""
+    model.eval()
+    result = {}
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            z = torch.randn(1, model.n_group, mel.size(2) * 256 // model.n_group, device=device,
+                            generator=torch.Generator(device).manual_seed(seed))
+            result["audio"] = model.reverse(mel, 0.6 * z).float()
+
+    reset_peak_memory(device)
+    seconds = timed(run, device, repeats)
+    return mel.size(2) * 256 / sampling_rate / seconds, result["audio"], peak_memory_mib(device)
+
+
+def snr_db(reference, test):
+    noise = (reference - test).double().pow(2).sum()
+    return 10 * math.log10(reference.double().pow(2).sum().item() / max(noise.item(), 1e-30))
+
+
+def speech_mel(seconds, device, sampling_rate=22050):
+    """Mel of a pitch-gliding harmonic signal: realistic conditioning without any data files."""
+    t = torch.arange(int(seconds * sampling_rate), dtype=torch.float64) / sampling_rate
+    phase = 2 * math.pi * torch.cumsum(120 * (1 + 0.2 * torch.sin(2 * math.pi * 1.3 * t)), 0) / sampling_rate
+    signal = sum(torch.sin(h * phase) / h for h in range(1, 15)) * 0.3
+    mel = TacotronSTFT(sampling_rate=sampling_rate).mel_spectrogram(signal.float().unsqueeze(0))
+    return mel[:, :, :int(seconds * sampling_rate) // 256].to(device)
+
+
+def trained_like(model, seed=0):
+    """Give the zero-initialised output layers small random weights so couplings do real work."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for wn in model.WN:
+            wn.end.weight.copy_(torch.randn(wn.end.weight.shape, generator=generator) * 2e-3)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default="config.json")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--train_batch", type=int, default=None, help="default: 2 on CPU, 12 on GPU")
+    parser.add_argument("--train_segment", type=int, default=None, help="default: 16000")
+    parser.add_argument("--train_steps", type=int, default=None)
+    parser.add_argument("--infer_seconds", type=float, nargs="+", default=[1.0, 10.0])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that everything runs")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    device = select_device(args.device)
+    gpu = device.type != "cpu"
+    torch.manual_seed(0)
+    low_dtype, note = autocast_dtype(device, True)
+    if device.type == "cpu":
+        low_dtypes = [torch.bfloat16]
+    else:
+        low_dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float16]
+    batch = args.train_batch or (12 if gpu else 2)
+    segment = args.train_segment or 16000
+    steps = args.train_steps or (10 if gpu else 2)
+    repeats = args.repeats or (10 if gpu else 2)
+    if args.quick:
+        batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5]
+    with open(args.config) as f:
+        config = json.load(f)
+    waveglow_config = config["waveglow_config"]
+    sampling_rate = config["data_config"]["sampling_rate"]
+
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, {datetime.date.today()}")
+    if note:
+        print(note)
+    limits = machine_limit(device, low_dtypes, 16384 if args.quick else (65536 if not gpu else 262144),
+                           1024 if args.quick else (2048 if not gpu else 8192), repeats)
+    for name, value in limits.items():
+        print(f"machine limit  {name:<12} {value:10.1f} GFLOP/s")
+    peak = {"fp32": max(limits["conv1d fp32"], limits["matmul fp32"])}
+    for dtype in low_dtypes:
+        peak[dtype_name(dtype)] = max(limits[f"conv1d {dtype_name(dtype)}"], limits[f"matmul {dtype_name(dtype)}"])
+
+    ours = trained_like(WaveGlow(**waveglow_config)).to(device)
+    macs = macs_per_sample(remove_weightnorm(copy.deepcopy(ours)))
+    forward_flop = 2 * macs
+    print(f"model: {sum(p.numel() for p in ours.parameters()):,} parameters; {macs * waveglow_config['n_group'] / 1e6:.1f} M "
+          f"multiply-adds per group of {waveglow_config['n_group']} samples = {forward_flop / 1e6:.1f} MFLOP per output "
+          f"sample forward ({forward_flop * sampling_rate / 1e9:.0f} GFLOP per second of audio); training ~3x")
+
+    rows = []
+
+    def report(kind, name, rate, unit, flop_per_unit, dtype_key, memory):
+        achieved = rate * flop_per_unit / 1e9
+        share = 100 * achieved / peak[dtype_key]
+        rows.append({"kind": kind, "variant": name, "rate": rate, "unit": unit, "gflops": achieved,
+                     "share_of_peak": share, "peak_key": dtype_key, "peak_memory_mib": memory})
+        print(f"{kind:<9} {name:<28} {rate:12.2f} {unit:<10} {achieved:8.1f} GFLOP/s = {share:5.1f}% of "
+              f"{dtype_key} peak   peak memory {memory:8.0f} MiB")
+
+    baseline = None
+    if not args.no_baseline:
+        baseline = BaselineWaveGlow(**waveglow_config).to(device)
+        baseline.load_upstream_state_dict(ours.state_dict())
+    train_variants = [("ours fp32", ours, None)]
+    if baseline is not None:
+        train_variants.insert(0, ("baseline fp32", baseline, None))
+    train_variants.append((f"ours {dtype_name(low_dtype)} autocast", ours, low_dtype))
+    if device.type == "cuda":
+        train_variants.append(("ours bf16 autocast", ours, torch.bfloat16))
+    train_rates = {}
+    for name, model, amp in train_variants:
+        # Ours trains as train.py does (fused Adam on CPU/CUDA); the baseline with torch's default Adam.
+        fused_adam = model is ours and device.type in ("cpu", "cuda")
+        rate, memory = training_throughput(copy.deepcopy(model), device, amp, batch, segment, steps, fused_adam)
+        train_rates[name] = rate
+        report("train", f"{name} b{batch}x{segment}", rate, "samples/s", 3 * forward_flop,
+               dtype_name(amp) if amp else "fp32", memory)
+
+    folded = remove_weightnorm(copy.deepcopy(ours)).eval()
+    infer_variants = [("ours fp32", folded, None), (f"ours {dtype_name(low_dtype)} autocast", folded, low_dtype)]
+    if baseline is not None:
+        infer_variants.insert(0, ("baseline fp32", baseline, None))
+    infer_rtf, snrs = {}, {}
+    for seconds in args.infer_seconds:
+        mel = speech_mel(seconds, device, sampling_rate)
+        reference = None
+        for name, model, amp in infer_variants:
+            rtf, audio, memory = inference_rtf(model, device, amp, mel, sampling_rate, repeats)
+            infer_rtf[(name, seconds)] = rtf
+            if name == "ours fp32":
+                reference = audio
+            elif reference is not None and amp is not None:
+                snrs[(name, seconds)] = snr_db(reference, audio)
+            report("infer", f"{name} {seconds:g}s", rtf, "x realtime", forward_flop * sampling_rate,
+                   dtype_name(amp) if amp else "fp32", memory)
+    for (name, seconds), value in snrs.items():
+        print(f"SNR of {name} audio against float32, {seconds:g} s, same weights and noise: {value:.1f} dB")
+    if baseline is not None:
+        low = f"ours {dtype_name(low_dtype)} autocast"
+        print(f"training speed-up over the float32 baseline: fp32 {train_rates['ours fp32'] / train_rates['baseline fp32']:.2f}x, "
+              f"{dtype_name(low_dtype)} {train_rates[low] / train_rates['baseline fp32']:.2f}x")
+        for seconds in args.infer_seconds:
+            base = infer_rtf[("baseline fp32", seconds)]
+            print(f"inference speed-up over the float32 baseline, {seconds:g} s: fp32 "
+                  f"{infer_rtf[('ours fp32', seconds)] / base:.2f}x, {dtype_name(low_dtype)} {infer_rtf[(low, seconds)] / base:.2f}x")
+
+    print("\n| what | variant | rate | share of measured peak | peak memory |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['kind']} | {row['variant']} | {row['rate']:,.1f} {row['unit']} | {row['share_of_peak']:.1f}% of "
+              f"{row['peak_key']} ({peak[row['peak_key']]:.0f} GFLOP/s) | {row['peak_memory_mib']:,.0f} MiB |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "limits": limits, "macs_per_sample": macs, "rows": rows,
+                       "snr_db": {f"{k[0]} {k[1]}s": v for k, v in snrs.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
