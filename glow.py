@@ -5,8 +5,6 @@ match NVIDIA/waveglow, so its checkpoints load, but the code runs on today's PyT
 dtype. Under torch.autocast the WaveNet-like layers run in low precision while everything that touches
 the audio itself (1x1 convolutions, coupling, log-determinants, loss) stays in float32.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -242,20 +240,22 @@ def gated_activation(x, n_channels):
     return torch.tanh(tanh_input) * torch.sigmoid(sigmoid_input)
 
 
-@contextlib.contextmanager
-def _native_cpu_kernels(tensor):
-    """On CPU, oneDNN builds a new deconvolution kernel for every new input shape, which takes seconds
-    for the 1024-tap upsampler (ruinous for inference on mels of varying length); torch's own kernel
-    runs as fast with no such cost."""
-    if tensor.device.type != "cpu":
-        yield
-        return
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
+def _upsample_as_matmul(spect, weight, bias, stride):
+    """ConvTranspose1d(kernel k, stride s) as one matrix product and k/s shifted adds (CPU).
+
+    oneDNN builds a new deconvolution kernel for every new input shape, which takes seconds for the
+    1024-tap upsampler (ruinous for inference on mels of varying length), and torch's fallback kernel
+    is slow; a matmul has neither problem, in float32 or bfloat16.
+    """
+    batch, channels, n_frames = spect.shape  # (B, C_in, F)
+    _, out_channels, kernel_size = weight.shape
+    overlap = kernel_size // stride
+    cols = torch.matmul(spect.transpose(1, 2), weight.reshape(channels, -1))  # (B, F, C_out*k)
+    cols = cols.view(batch, n_frames, out_channels, overlap, stride)
+    out = cols.new_zeros(batch, out_channels, n_frames + overlap - 1, stride)
+    for q in range(overlap):  # frame f's q-th block of s samples lands in output block f + q
+        out[:, :, q:q + n_frames] += cols[:, :, :, q].permute(0, 2, 1, 3)
+    return out.view(batch, out_channels, -1) + bias.unsqueeze(1).to(out.dtype)  # (B, C_out, s*F + k - s)
 
 
 class WaveGlow(nn.Module):
@@ -281,8 +281,9 @@ class WaveGlow(nn.Module):
         self.n_remaining_channels = n_remaining_channels  # channels left at the last flow
 
     def _upsample(self, spect):
-        with _native_cpu_kernels(spect):
-            return self.upsample(spect)  # (B, n_mel, 256*F + 768)
+        if spect.device.type == "cpu":
+            return _upsample_as_matmul(spect, self.upsample.weight, self.upsample.bias, UPSAMPLE_STRIDE)
+        return self.upsample(spect)  # (B, n_mel, 256*F + 768)
 
     def _group_mel(self, spect, n_samples):
         # spect: (B, n_mel, >= n_samples) upsampled mel -> (B, n_mel*g, T/g), channel = mel_bin*g + j
