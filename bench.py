@@ -379,7 +379,8 @@ def main():
 
     print("\n| what | variant | rate | share of measured peak | peak memory |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['kind']} | {row['variant']} | {row['rate']:,.1f} {row['unit']} | {row['share_of_peak']:.1f}% of "
+        rate = f"{row['rate']:,.1f}" if row["rate"] >= 10 else f"{row['rate']:.3f}"
+        print(f"| {row['kind']} | {row['variant']} | {rate} {row['unit']} | {row['share_of_peak']:.1f}% of "
               f"{row['peak_key']} ({peak[row['peak_key']]:.0f} GFLOP/s) | {row['peak_memory_mib']:,.0f} MiB |")
     if args.json:
         with open(args.json, "w") as f:
