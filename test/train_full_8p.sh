@@ -39,6 +39,7 @@ device=""
 nproc=""
 step_stop=""
 seed=""
+case_kind=acc
 n_test=10  # the test split: the first n_test files in sorted order
 
 # The template's `for para in $*`, with "$@" so that paths containing spaces survive.
@@ -60,6 +61,7 @@ do
         --device=*)               device=${para#*=} ;;
         --nproc=*)                nproc=${para#*=} ;;
         --step_stop=*)            step_stop=${para#*=} ;;
+        --case_kind=*)            case_kind=${para#*=} ;;  # acc (this recipe) or perf (train_performance_8p.sh)
         --seed=*)                 seed=${para#*=} ;;
         --n_test=*)               n_test=${para#*=} ;;
         *) echo "[Error] unknown parameter '$para': parameters are --key=value, see the top of $0" >&2; exit 1 ;;
@@ -99,7 +101,7 @@ mkdir -p "$log_dir" || exit 1
 log_file="$log_dir/train_${ASCEND_DEVICE_ID}.log"
 BatchSize=${batch_size}
 DeviceType=$(uname -m)
-CaseName=${Network}_bs${BatchSize}_${RANK_SIZE}p_acc
+CaseName=${Network}_bs${BatchSize}_${RANK_SIZE}p_${case_kind}
 summary="$log_dir/${CaseName}.log"
 loss_file="$log_dir/train_${CaseName}_loss.txt"
 rm -f "$summary" "$loss_file"  # a failed run must not leave the previous run's summary looking current
