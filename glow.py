@@ -41,8 +41,21 @@ class WeightNormConv1d(nn.Module):
 
     def forward(self, x):
         if _cpu_bfloat16(x):
-            return _conv1d_as_matmul(x, self.effective_weight(), self.bias, self.padding, self.dilation)
+            if self.folded and not torch.is_grad_enabled():
+                weight, bias = self._bfloat16_weights()
+            else:
+                weight, bias = self.effective_weight(), self.bias
+            return _conv1d_as_matmul(x, weight, bias, self.padding, self.dilation)
         return F.conv1d(x, self.effective_weight(), self.bias, padding=self.padding, dilation=self.dilation)
+
+    def _bfloat16_weights(self):
+        """bf16 copies of the folded weights for inference, cast once instead of at every call; the key
+        changes with any update of the weights (in-place steps, load_state_dict, .to()). Never saved."""
+        key = (self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
+        if getattr(self, "_bfloat16_key", None) != key:
+            self._bfloat16_cache = (self.weight.detach().to(torch.bfloat16), self.bias.detach().to(torch.bfloat16))
+            self._bfloat16_key = key
+        return self._bfloat16_cache
 
     @torch.no_grad()
     def fold(self):

@@ -290,3 +290,26 @@ def test_bfloat16_training_gradients_match_float32():
     for (name, p), g32 in zip(model.named_parameters(), grads32):
         error = ((p.grad - g32).norm() / g32.norm()).item()
         assert error < 0.1, f"{name}: bf16 gradient off by {error:.3f}"
+
+
+def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
+    model = remove_weightnorm(make_model()).eval()
+    other = make_model(seed=4).state_dict()
+    mel = torch.randn(1, 80, 8)
+    # Weights change between autocast regions: torch's own autocast cache lives as long as one region.
+    def bf16_infer():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.infer(mel, sigma=0.5, seed=1)
+    first, again = bf16_infer(), bf16_infer()
+    with torch.no_grad():
+        model.WN[0].in_layers[0].weight.mul_(3.0)
+    changed = bf16_infer()
+    model.load_state_dict(other)
+    reloaded = bf16_infer()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, changed) and not torch.equal(changed, reloaded)
+    fresh = remove_weightnorm(make_model(seed=9)).eval()
+    fresh.load_state_dict(other)  # the same weights by the same route, never cached before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(reloaded, fresh.infer(mel, sigma=0.5, seed=1))
+    assert not any("bfloat16" in name or "cache" in name for name in model.state_dict())
