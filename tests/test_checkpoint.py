@@ -17,15 +17,6 @@ from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkp
 from glow import WaveGlow, remove_weightnorm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two spinning threads run 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_source_model(config=TINY_WAVEGLOW, seed=0):
     """A WaveGlow whose every layer matters: the zero-initialised end layers and all g get random values."""
     torch.manual_seed(seed)

@@ -20,15 +20,6 @@ from glow import WaveGlow
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one thread is fastest, and steady when other processes hold the cores
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_rank_and_world_come_from_torchrun_env():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
     assert distributed.distributed_env(None, "cpu", env) == (3, 8, 1, "env")

@@ -20,15 +20,6 @@ from mel2samp import TacotronSTFT
 from test_checkpoint import make_source_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two spinning threads run 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     with open(REPO / "config.json", encoding="utf-8") as f:

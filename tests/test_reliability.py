@@ -36,14 +36,6 @@ LOSS_LINE = re.compile(r"^(\d+):\tloss:(\S+)\t", re.M)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic as the single-threaded subprocesses, so results compare
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")

@@ -33,16 +33,6 @@ VALIDATION_LINE = re.compile(r"^Validation loss (\d+): (-?\d+\.\d{9})$", re.M)
 MODEL = {**TINY_WAVEGLOW, "n_mel_channels": 20}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tensors this small train fastest on one thread, which also keeps timings steady on a busy machine
-    # (OpenMP threads spin-waiting for a core can make a step a hundred times slower).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
