@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distributed import autocast_dtype, select_device
-from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
+from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
 from mel2samp import TacotronSTFT
 
 
@@ -206,7 +206,7 @@ def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def training_throughput(model, device, amp, batch, segment, steps, fused_adam):
+def training_throughput(model, device, amp, batch, segment, steps, fused_adam, warmup=1):
     """Output audio samples per second of full training steps (forward, backward, Adam)."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused_adam or None)
@@ -224,11 +224,11 @@ def training_throughput(model, device, amp, batch, segment, steps, fused_adam):
         scaler.update()
 
     reset_peak_memory(device)
-    seconds = timed(step, device, steps)
+    seconds = timed(step, device, steps, warmup)
     return batch * segment / seconds, peak_memory_mib(device)
 
 
-def inference_rtf(model, device, amp, mel, sampling_rate, repeats, seed=0):
+def inference_rtf(model, device, amp, mel, sampling_rate, repeats, seed=0, warmup=1):
     """Real-time factor (seconds of audio per second of wall time) and the audio itself."""
     model.eval()
     result = {}
@@ -240,7 +240,7 @@ def inference_rtf(model, device, amp, mel, sampling_rate, repeats, seed=0):
             result["audio"] = model.reverse(mel, 0.6 * z).float()
 
     reset_peak_memory(device)
-    seconds = timed(run, device, repeats)
+    seconds = timed(run, device, repeats, warmup)
     return mel.size(2) * 256 / sampling_rate / seconds, result["audio"], peak_memory_mib(device)
 
 
@@ -277,6 +277,8 @@ def main():
     parser.add_argument("--infer_seconds", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with torch.compile'd coupling networks (compile time not counted)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that everything runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -340,25 +342,40 @@ def main():
     train_variants.append((f"ours {dtype_name(low_dtype)} autocast", ours, low_dtype))
     if device.type == "cuda":
         train_variants.append(("ours bf16 autocast", ours, torch.bfloat16))
+    if args.compile:
+        train_variants += [(f"{name}, compiled", model, amp) for name, model, amp in train_variants
+                           if model is ours and amp is not None]
+    # Training shapes never change, so cuDNN may time its algorithms once and keep the fastest (as train.py).
+    torch.backends.cudnn.benchmark = True
     train_rates = {}
     for name, model, amp in train_variants:
         # Ours trains as train.py does (fused Adam on CPU/CUDA); the baseline with torch's default Adam.
         fused_adam = model is ours and device.type in ("cpu", "cuda")
-        rate, memory = training_throughput(copy.deepcopy(model), device, amp, batch, segment, steps, fused_adam)
+        model = copy.deepcopy(model)
+        if name.endswith("compiled"):
+            compile_coupling_networks(model)
+        # Two warm-up steps for compiled models: the second can still compile (a guard on the first's state).
+        warmup = 2 if name.endswith("compiled") else 1
+        rate, memory = training_throughput(model, device, amp, batch, segment, steps, fused_adam, warmup)
         train_rates[name] = rate
         report("train", f"{name} b{batch}x{segment}", rate, "samples/s", 3 * forward_flop,
                dtype_name(amp) if amp else "fp32", memory)
 
     folded = remove_weightnorm(copy.deepcopy(ours)).eval()
     infer_variants = [("ours fp32", folded, None), (f"ours {dtype_name(low_dtype)} autocast", folded, low_dtype)]
+    if args.compile:
+        infer_variants.append((f"ours {dtype_name(low_dtype)} autocast, compiled",
+                               compile_coupling_networks(copy.deepcopy(folded)), low_dtype))
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
+    torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip
     infer_rtf, snrs = {}, {}
     for seconds in args.infer_seconds:
         mel = speech_mel(seconds, device, sampling_rate)
         reference = None
         for name, model, amp in infer_variants:
-            rtf, audio, memory = inference_rtf(model, device, amp, mel, sampling_rate, repeats)
+            rtf, audio, memory = inference_rtf(model, device, amp, mel, sampling_rate, repeats,
+                                               warmup=2 if name.endswith("compiled") else 1)
             infer_rtf[(name, seconds)] = rtf
             if name == "ours fp32":
                 reference = audio

@@ -64,14 +64,19 @@ def cpu_supports_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(device, low_precision):
+def autocast_dtype(device, low_precision, preferred="auto"):
     """The autocast dtype for `low_precision` runs on `device`, or None for plain float32.
 
-    fp16 on CUDA and NPU (as the seed's apex O2), bfloat16 on CPUs. Returns (dtype, note) where the
-    note explains a substitution the caller should log.
+    preferred "auto": fp16 on CUDA and NPU (as the seed's apex O2), bfloat16 on CPUs; "float16" or
+    "bfloat16" ask for one (bfloat16 needs no loss scaling; fp16 is not a CPU autocast type). Returns
+    (dtype, note) where the note explains a substitution the caller should log.
     """
     if not low_precision:
         return None, ""
+    if preferred == "bfloat16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16, "this GPU has no bfloat16 support: mixed precision runs in float16"
+        return torch.bfloat16, ""
     if device.type in ("cuda", "npu"):
         return torch.float16, ""
     note = "mixed precision on CPU runs in bfloat16 (float16 is not a CPU autocast type)"

@@ -24,7 +24,7 @@ from checkpoint import CheckpointError, load_model
 from denoiser import Denoiser
 from distributed import autocast_dtype, select_device
 from evaluate import copy_synthesis_score, plot_mel_comparison, validation_nll
-from glow import UPSAMPLE_STRIDE
+from glow import UPSAMPLE_STRIDE, compile_coupling_networks
 from mel2samp import MAX_WAV_VALUE, MEL_KEYS, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
@@ -47,7 +47,12 @@ def parse_args(argv=None):
     parser.add_argument("--sampling_rate", type=int, default=None,
                         help="rate written into the wavs (default: the config's, 22050 for config.json)")
     parser.add_argument("--is_fp16", action="store_true",
-                        help="mixed precision: float16 autocast on CUDA/NPU, bfloat16 on CPU")
+                        help="mixed precision: float16 autocast on CUDA/NPU, bfloat16 on CPU (see --amp_dtype)")
+    parser.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
+                        help="the dtype of --is_fp16 (auto: as above; bfloat16 also on GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the coupling networks: faster on GPUs after a compile of each new "
+                             "length (up to a minute), so for long lists of similar lengths")
     parser.add_argument("-d", "--denoiser_strength", type=float, default=0.0, help="bias-spectrum denoiser (0 = off)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda[:i] or npu[:i]")
     parser.add_argument("--batch_size", type=int, default=1, help="mels per forward pass (grouped by length)")
@@ -320,11 +325,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = select_device(args.device)
-        amp_dtype, note = autocast_dtype(device, args.is_fp16)
+        amp_dtype, note = autocast_dtype(device, args.is_fp16, args.amp_dtype)
         if note:
             print(f"note: {note}")
         model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
         print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
+        if args.compile:
+            compile_coupling_networks(model, dynamic=None)  # a second new length recompiles for any length
         data, train_sigma, source = resolve_config(args.config, checkpoint)
         sampling_rate = args.sampling_rate or int(data["sampling_rate"])
         os.makedirs(args.output_dir, exist_ok=True)

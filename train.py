@@ -44,7 +44,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_check
 from distributed import (all_reduce_sum, autocast_dtype, cleanup_distributed, load_apex_amp, make_grad_scaler,
                          setup_distributed, unwrap, wrap_ddp)
 from evaluate import validation_nll
-from glow import UPSAMPLE_STRIDE, WaveGlow, WaveGlowLoss
+from glow import UPSAMPLE_STRIDE, WaveGlow, WaveGlowLoss, compile_coupling_networks
 from mel2samp import AudioError, Mel2Samp
 
 # ---------------------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ DEFAULTS = {
         "grad_clip_thresh": 0.0,      # clip the gradient norm to this (0: no clipping)
         "max_nonfinite_steps": 20,    # stop after this many non-finite steps in a row
         "strict_data": False,         # an unusable audio file stops the run (default: skipped and counted)
+        "amp_dtype": "auto",          # fp16_run's dtype: auto (fp16 on CUDA/NPU, bf16 on CPUs) | float16 | bfloat16
+        "compile": False,             # torch.compile the coupling networks (pays on GPUs; a minute to compile)
     },
     "data_config": {
         "training_files": "train_files.txt",
@@ -103,7 +105,8 @@ DEFAULTS = {
 OVERRIDES = [(("-" + key, "--" + key), "train_config", key) for key in (
     "fp16_run", "output_directory", "epochs", "learning_rate", "sigma", "iters_per_checkpoint", "seed",
     "checkpoint_path", "with_tensorboard", "step_stop", "warm_start", "device", "amp_backend",
-    "validation_files", "iters_per_validation", "workers", "grad_clip_thresh", "max_nonfinite_steps", "strict_data")]
+    "validation_files", "iters_per_validation", "workers", "grad_clip_thresh", "max_nonfinite_steps", "strict_data",
+    "amp_dtype", "compile")]
 OVERRIDES += [(("-batch_size", "--batch_size", "--batch-size"), "train_config", "batch_size"),
               (("-training_files", "--training_files"), "data_config", "training_files"),
               (("-segment_length", "--segment_length"), "data_config", "segment_length"),
@@ -194,6 +197,8 @@ def check_values(config):
         raise ConfigError(f"train_config.device must be auto, cuda, npu or cpu, got {train['device']!r}")
     if train["amp_backend"] not in ("native", "apex"):
         raise ConfigError(f"train_config.amp_backend must be native or apex, got {train['amp_backend']!r}")
+    if train["amp_dtype"] not in ("auto", "float16", "bfloat16"):
+        raise ConfigError(f"train_config.amp_dtype must be auto, float16 or bfloat16, got {train['amp_dtype']!r}")
     if config["dist_config"]["dist_backend"] not in ("auto", "nccl", "hccl", "gloo"):
         raise ConfigError("dist_config.dist_backend must be auto, nccl, hccl or gloo, "
                           f"got {config['dist_config']['dist_backend']!r}")
@@ -370,7 +375,9 @@ def train(config, rank_flag=None, group_name=""):
     np.random.seed(tc["seed"])
     torch.manual_seed(tc["seed"])
 
-    amp_dtype, note = autocast_dtype(device, tc["fp16_run"])
+    amp_dtype, note = autocast_dtype(device, tc["fp16_run"], tc["amp_dtype"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: cuDNN times its algorithms once
     apex_amp = None
     if tc["amp_backend"] == "apex" and tc["fp16_run"]:
         try:
@@ -411,6 +418,8 @@ def train(config, rank_flag=None, group_name=""):
         model, optimizer = apex_amp.initialize(model, optimizer, opt_level="O2", loss_scale="dynamic")
         if start["amp"]:
             apex_amp.load_state_dict(start["amp"])
+    if tc["compile"]:
+        compile_coupling_networks(model)  # in place: checkpoints keep their names
     model = wrap_ddp(model, device)
     parameters = list(unwrap(model).parameters())
 

@@ -46,6 +46,9 @@ def test_backend_follows_the_device():
 def test_precision_backends_on_cpu():
     dtype, note = distributed.autocast_dtype(CPU, True)
     assert dtype == torch.bfloat16 and "bfloat16" in note
+    assert distributed.autocast_dtype(CPU, True, "bfloat16") == (torch.bfloat16, "")
+    assert distributed.autocast_dtype(CPU, True, "float16")[0] == torch.bfloat16  # no fp16 autocast on CPUs
+    assert distributed.autocast_dtype(CPU, False, "bfloat16") == (None, "")
     assert not distributed.make_grad_scaler(CPU, dtype).is_enabled()  # bf16 needs no loss scaling
     assert distributed.make_grad_scaler(CPU, torch.float16).is_enabled()
     with pytest.raises(RuntimeError, match="--amp_backend apex needs a CUDA GPU or an Ascend NPU"):

@@ -193,13 +193,15 @@ def test_flags_override_config_and_parse_booleans(trained, tmp_path):
                                       "-sigma", "0.7", "-seed", "7", "-iters_per_checkpoint", "9",
                                       "-output_directory", str(tmp_path), "-checkpoint_path", "x",
                                       "-step_stop", "5", "--training_files", "list.txt", "--workers", "2",
-                                      "--dist_timeout", "60", "--amp_backend", "apex", "--device", "cpu"])
+                                      "--dist_timeout", "60", "--amp_backend", "apex", "--device", "cpu",
+                                      "--amp_dtype", "bfloat16", "--compile", "true"])
     tc = config["train_config"]
     assert (tc["epochs"], tc["learning_rate"], tc["batch_size"], tc["sigma"], tc["seed"]) == (3, 0.5, 4, 0.7, 7)
     assert tc["with_tensorboard"] is False and tc["fp16_run"] is True and tc["step_stop"] == 5
     assert (tc["iters_per_checkpoint"], tc["output_directory"], tc["checkpoint_path"]) == (9, str(tmp_path), "x")
     assert config["data_config"]["training_files"] == "list.txt" and tc["workers"] == 2
     assert config["dist_config"]["dist_timeout"] == 60 and tc["amp_backend"] == "apex"
+    assert tc["amp_dtype"] == "bfloat16" and tc["compile"] is True
     def fp16_run(*flag):
         return train.resolve_config(["-c", str(trained["config"]), *flag])[0]["train_config"]["fp16_run"]
     for text, value in [("true", True), ("False", False), ("1", True), ("0", False), ("yes", True), ("no", False)]:
@@ -229,6 +231,8 @@ def test_bad_flags_are_rejected_by_name(trained, capsys, argv, message):
     ("data_config", "segment_length", 2044, "multiple of waveglow_config.n_group"),
     ("data_config", "segment_length", 512, "shorter than one STFT window"),
     ("train_config", "device", "tpu", "train_config.device"),
+    ("train_config", "amp_dtype", "fp8", "train_config.amp_dtype must be auto, float16 or bfloat16"),
+    ("train_config", "compile", "yes", "train_config.compile must be true or false"),
 ])
 def test_bad_config_values_are_errors_naming_the_key(corpus, tmp_path, section, key, value, message):
     path = write_config(tmp_path, corpus)
