@@ -311,8 +311,8 @@ class WaveGlow(nn.Module):
         # spect: (B, n_mel, >= n_samples) upsampled mel -> (B, n_mel*g, T/g), channel = mel_bin*g + j
         g = self.n_group
         spect = spect[:, :, :n_samples].unfold(2, g, g).permute(0, 2, 1, 3)  # (B, T/g, n_mel, g)
-        # contiguous: as a transposed view it would hand its channels-last layout on to every WN layer's
-        # output, and on GPUs each convolution would then pay for layout conversions and slow kernels.
+        # One dense copy per pass: the cond_layer then reads a plain (B, n_mel*g, T/g) tensor, not a transposed
+        # view that each backend would handle (or copy) its own way.
         return spect.reshape(spect.size(0), spect.size(1), -1).permute(0, 2, 1).contiguous()
 
     def forward(self, forward_input):

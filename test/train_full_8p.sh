@@ -10,6 +10,7 @@
 # --checkpoint_path (resume or warm start; --pth_path is read the same way), --fp16_run=true|false, --epochs,
 # --batch-size (per device), --learning_rate, --sigma, --iters_per_checkpoint, --c (config, default
 # config.json), --device_id (names the log folder), --workers, --device=auto|cuda|npu|cpu, --nproc=N,
+# --amp_dtype=auto|float16|bfloat16 (the dtype of --fp16_run), --compile=true|false (torch.compile),
 # --step_stop=N (stop after N iterations), --seed, --n_test=N (clips held out for validation, default 10).
 # Logs go to ${TEST_OUTPUT_DIR:-test/output}/${ASCEND_DEVICE_ID}/: train_${ASCEND_DEVICE_ID}.log, the file
 # lists made from --data_path, ${CaseName}.log (the key = value summary) and train_${CaseName}_loss.txt.
@@ -38,6 +39,8 @@ workers=""
 device=""
 nproc=""
 step_stop=""
+amp_dtype=""
+compile=""
 seed=""
 case_kind=acc
 n_test=10  # the test split: the first n_test files in sorted order
@@ -61,6 +64,8 @@ do
         --device=*)               device=${para#*=} ;;
         --nproc=*)                nproc=${para#*=} ;;
         --step_stop=*)            step_stop=${para#*=} ;;
+        --amp_dtype=*)            amp_dtype=${para#*=} ;;
+        --compile=*)              compile=${para#*=} ;;
         --case_kind=*)            case_kind=${para#*=} ;;  # acc (this recipe) or perf (train_performance_8p.sh)
         --seed=*)                 seed=${para#*=} ;;
         --n_test=*)               n_test=${para#*=} ;;
@@ -126,6 +131,8 @@ cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node="$RANK_SIZ
 [[ $workers != "" ]]          && cmd+=(--workers "$workers")
 [[ $device != "" ]]           && cmd+=(--device "$device")
 [[ $step_stop != "" ]]        && cmd+=(-step_stop "$step_stop")
+[[ $amp_dtype != "" ]]        && cmd+=(-amp_dtype "$amp_dtype")
+[[ $compile != "" ]]          && cmd+=(-compile "$compile")
 [[ $seed != "" ]]             && cmd+=(-seed "$seed")
 echo "[INFO] ${cmd[*]}" | tee "$log_file"
 if ! "${cmd[@]}" 2>&1 | tee -a "$log_file"; then

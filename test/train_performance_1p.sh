@@ -6,6 +6,7 @@
 # Parameters (--key=value): --data_path (required: LJ-Speech folder or a folder of wavs), --output_directory,
 # --checkpoint_path (resume or warm start; --pth_path is read the same way), --fp16_run=true|false, --epochs,
 # --batch-size, --learning_rate, --sigma, --iters_per_checkpoint, --c (config, default config.json),
+# --amp_dtype=auto|float16|bfloat16 (the dtype of --fp16_run), --compile=true|false (torch.compile),
 # --device_id, --workers, --device=auto|cuda|npu|cpu, --step_stop=N (stop after N iterations), --seed,
 # --n_test=N (clips held out for validation, default 10).
 # Logs go to ${TEST_OUTPUT_DIR:-test/output}/${ASCEND_DEVICE_ID}/: train_${ASCEND_DEVICE_ID}.log, the file
@@ -34,6 +35,8 @@ device_id=""
 workers=""
 device=""
 step_stop=""
+amp_dtype=""
+compile=""
 seed=""
 n_test=10  # the test split: the first n_test files in sorted order
 
@@ -55,6 +58,8 @@ do
         --workers=*)              workers=${para#*=} ;;
         --device=*)               device=${para#*=} ;;
         --step_stop=*)            step_stop=${para#*=} ;;
+        --amp_dtype=*)            amp_dtype=${para#*=} ;;
+        --compile=*)              compile=${para#*=} ;;
         --seed=*)                 seed=${para#*=} ;;
         --n_test=*)               n_test=${para#*=} ;;
         *) echo "[Error] unknown parameter '$para': parameters are --key=value, see the top of $0" >&2; exit 1 ;;
@@ -107,6 +112,8 @@ cmd=("$python" "$repo_dir/train.py" -c "$config" -training_files "$log_dir/train
 [[ $workers != "" ]]              && cmd+=(--workers "$workers")
 [[ $device != "" ]]               && cmd+=(--device "$device")
 [[ $step_stop != "" ]]            && cmd+=(-step_stop "$step_stop")
+[[ $amp_dtype != "" ]]            && cmd+=(-amp_dtype "$amp_dtype")
+[[ $compile != "" ]]              && cmd+=(-compile "$compile")
 [[ $seed != "" ]]                 && cmd+=(-seed "$seed")
 echo "[INFO] ${cmd[*]}" | tee "$log_file"
 if ! "${cmd[@]}" 2>&1 | tee -a "$log_file"; then

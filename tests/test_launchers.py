@@ -76,8 +76,9 @@ def test_performance_1p(workspace):
     output_root, checkpoints = root / "out_1p", root / "ckpt_1p"
     done = run_launcher("train_performance_1p.sh", f"--data_path={corpus}", f"--output_directory={checkpoints}",
                         f"--c={config}", "--batch-size=2", "--device=cpu", "--step_stop=3", "--n_test=2",
-                        "--workers=0", output_root=output_root)
+                        "--workers=0", "--amp_dtype=bfloat16", "--compile=false", output_root=output_root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "-amp_dtype bfloat16 -compile false" in done.stdout  # passed on to train.py
     check_training_summary(output_root, f"{NETWORK}_bs2_1p_perf", 1, 2, done.stdout, iterations=3)
     # The file lists come from --data_path, into the output root: absolute paths, conventional split.
     train_list = (output_root / "0" / "train_files.txt").read_text().split()
