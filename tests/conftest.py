@@ -1,4 +1,5 @@
 """Shared test helpers: tiny models and small audio corpora made on the spot (no downloads)."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -69,3 +70,17 @@ def lj_sample():
     if not (LJ_SAMPLE / "wavs").is_dir():
         pytest.skip(f"real LJ-Speech sample clips not found at {LJ_SAMPLE} (present in CI, absent in a fresh clone)")
     return LJ_SAMPLE
+
+
+@pytest.fixture(scope="module")
+def launcher_workspace(tmp_path_factory):
+    """For the launcher tests: a 14-clip corpus (2 held out) and a tiny config (4 flows, 2 layers, 16 channels,
+    segment 2048, batch 2)."""
+    root = tmp_path_factory.mktemp("launchers")
+    corpus = make_lj_corpus(root / "LJSpeech", n_clips=14, seconds=0.5)
+    config = json.loads((REPO / "config.json").read_text())
+    config["waveglow_config"] = json.loads(json.dumps(TINY_WAVEGLOW))
+    config["data_config"]["segment_length"] = 2048
+    config["train_config"]["batch_size"] = 2
+    (root / "tiny.json").write_text(json.dumps(config))
+    return root, corpus, root / "tiny.json"

@@ -1,7 +1,6 @@
 """The CUDA path: the model, mixed precision, the launchers and inference on a GPU, checked against the CPU.
 Skipped where torch sees no CUDA GPU (the rest of the suite covers the same code on the CPU)."""
 import copy
-import json
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO, TINY_WAVEGLOW, make_lj_corpus
+from conftest import REPO
 from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
 from test_launchers import NETWORK, check_training_summary, run_launcher
 
@@ -92,19 +91,8 @@ def test_fp16_training_with_a_grad_scaler_learns(tiny_waveglow_config):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def gpu_workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    corpus = make_lj_corpus(root / "LJSpeech", n_clips=14, seconds=0.5)
-    config = json.loads((REPO / "config.json").read_text())
-    config["waveglow_config"] = json.loads(json.dumps(TINY_WAVEGLOW))
-    config["data_config"]["segment_length"] = 2048
-    (root / "tiny.json").write_text(json.dumps(config))
-    return root, corpus, root / "tiny.json"
-
-
-def test_launchers_and_inference_on_the_gpu(gpu_workspace):
-    root, corpus, config = gpu_workspace
+def test_launchers_and_inference_on_the_gpu(launcher_workspace):
+    root, corpus, config = launcher_workspace
     output_root, checkpoints = root / "out", root / "ckpt"
     done = run_launcher("train_full_8p.sh", f"--data_path={corpus}", f"--output_directory={checkpoints}",
                         f"--c={config}", "--batch-size=2", "--device=cuda", "--nproc=1", "--fp16_run=true",
@@ -138,9 +126,9 @@ def test_launchers_and_inference_on_the_gpu(gpu_workspace):
     assert 10 * np.log10(np.sum(outputs["fp32"] ** 2) / max(np.sum(noise ** 2), 1e-20)) > 20
 
 
-def test_compiled_bfloat16_training_on_the_gpu(gpu_workspace):
+def test_compiled_bfloat16_training_on_the_gpu(launcher_workspace):
     """train.py with compile and amp_dtype bfloat16 (no GradScaler), then an exact resume of the compiled run."""
-    root, corpus, config = gpu_workspace
+    root, corpus, config = launcher_workspace
     files = root / "compiled_files.txt"
     files.write_text("".join(f"{wav}\n" for wav in sorted((corpus / "wavs").glob("*.wav"))))
     out = root / "compiled"

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, TINY_WAVEGLOW, make_lj_corpus
+from conftest import REPO
 
 NETWORK = "WaveGlow_for_PyTorch"
 FINAL_LINES = ("Final Performance images/sec : ", "Final Train Accuracy : ", "E2E Training Duration sec : ")
@@ -53,26 +53,13 @@ def check_training_summary(output_root, case_name, rank_size, batch_size, stdout
     return summary
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A 14-clip corpus (2 held out) and a tiny config: 4 flows, 2 layers, 16 channels, segment 2048."""
-    root = tmp_path_factory.mktemp("launchers")
-    corpus = make_lj_corpus(root / "LJSpeech", n_clips=14, seconds=0.5)
-    config = json.loads((REPO / "config.json").read_text())
-    config["waveglow_config"] = json.loads(json.dumps(TINY_WAVEGLOW))
-    config["data_config"]["segment_length"] = 2048
-    config["train_config"]["batch_size"] = 2
-    (root / "tiny.json").write_text(json.dumps(config))
-    return root, corpus, root / "tiny.json"
-
-
 def corpus_untouched(corpus):
     return sorted(p.name for p in corpus.iterdir()) == ["metadata.csv", "wavs"] and \
         len(list((corpus / "wavs").iterdir())) == 14
 
 
-def test_performance_1p(workspace):
-    root, corpus, config = workspace
+def test_performance_1p(launcher_workspace):
+    root, corpus, config = launcher_workspace
     output_root, checkpoints = root / "out_1p", root / "ckpt_1p"
     done = run_launcher("train_performance_1p.sh", f"--data_path={corpus}", f"--output_directory={checkpoints}",
                         f"--c={config}", "--batch-size=2", "--device=cpu", "--step_stop=3", "--n_test=2",
@@ -98,8 +85,8 @@ def test_performance_1p(workspace):
     check_training_summary(output_root, f"{NETWORK}_bs2_1p_acc", 1, 2, done.stdout, iterations=1)
 
 
-def test_full_8p_on_two_cpu_processes_then_eval(workspace):
-    root, corpus, config = workspace
+def test_full_8p_on_two_cpu_processes_then_eval(launcher_workspace):
+    root, corpus, config = launcher_workspace
     output_root, checkpoints = root / "out_8p", root / "ckpt_8p"
     # 12 training clips, global batch 2 x 2: three iterations make the epoch.
     done = run_launcher("train_full_8p.sh", f"--data_path={corpus}", f"--output_directory={checkpoints}",
