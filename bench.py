@@ -363,9 +363,10 @@ def main():
     folded = remove_weightnorm(copy.deepcopy(ours)).eval()
     infer_variants = [("ours fp32", folded, None), (f"ours {dtype_name(low_dtype)} autocast", folded, low_dtype)]
     if args.compile:
-        compiled = compile_coupling_networks(copy.deepcopy(folded))
-        infer_variants += [("ours fp32, compiled", compiled, None),
-                           (f"ours {dtype_name(low_dtype)} autocast, compiled", compiled, low_dtype)]
+        # As inference.py --compile: on CPUs the low-precision model keeps its WN weights in that dtype.
+        compiled_low = compile_coupling_networks(copy.deepcopy(folded), low_dtype if device.type == "cpu" else None)
+        infer_variants += [("ours fp32, compiled", compile_coupling_networks(copy.deepcopy(folded)), None),
+                           (f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype)]
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
     torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip

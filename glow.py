@@ -406,15 +406,21 @@ class WaveGlow(nn.Module):
         return remove_weightnorm(model)
 
 
-def compile_coupling_networks(model, **options):
+def compile_coupling_networks(model, weights_dtype=None, **options):
     """torch.compile every flow's WN in place (state-dict names unchanged); returns the model.
 
     Nearly all of WaveGlow's time is in the WNs; compiled, the gate, the bias and conditioning adds and the
     residual and skip sums become a few fused kernels instead of a dozen memory passes per layer, which is
     what pays on GPUs. The first call of each new input shape compiles (seconds to a minute), so it suits
     training's fixed segments best. `options` go to torch.compile (e.g. mode, dynamic).
+
+    weights_dtype (inference under CPU bfloat16 autocast): store the WNs' weights in that dtype first. The
+    eager layers cache such copies, but a compiled graph cannot, and would cast all ~88 M weights at every
+    call. The model then runs only under that autocast.
     """
     for wn in model.WN:
+        if weights_dtype is not None:
+            wn.to(weights_dtype)
         wn.compile(**options)
     return model
 

@@ -330,8 +330,8 @@ def main(argv=None):
             print(f"note: {note}")
         model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
         print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
-        if args.compile:
-            compile_coupling_networks(model, dynamic=None)  # a second new length recompiles for any length
+        if args.compile:  # a second new length recompiles once, for any length
+            compile_coupling_networks(model, amp_dtype if device.type == "cpu" else None, dynamic=None)
         data, train_sigma, source = resolve_config(args.config, checkpoint)
         sampling_rate = args.sampling_rate or int(data["sampling_rate"])
         os.makedirs(args.output_dir, exist_ok=True)
