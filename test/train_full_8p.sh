@@ -124,16 +124,9 @@ cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node="$RANK_SIZ
      -c "$config" -training_files "$log_dir/train_files.txt" -validation_files "$log_dir/test_files.txt"
      -epochs "$epochs" -batch_size "$batch_size" -learning_rate "$learning_rate"
      -iters_per_checkpoint "$iters_per_checkpoint" -dist_backend auto)  # auto: nccl, hccl or gloo by device
-[[ $output_directory != "" ]] && cmd+=(-output_directory "$output_directory")
-[[ $checkpoint_path != "" ]]  && cmd+=(-checkpoint_path "$checkpoint_path")
-[[ $fp16_run != "" ]]         && cmd+=(-fp16_run "$fp16_run")
-[[ $sigma != "" ]]            && cmd+=(-sigma "$sigma")
-[[ $workers != "" ]]          && cmd+=(--workers "$workers")
-[[ $device != "" ]]           && cmd+=(--device "$device")
-[[ $step_stop != "" ]]        && cmd+=(-step_stop "$step_stop")
-[[ $amp_dtype != "" ]]        && cmd+=(-amp_dtype "$amp_dtype")
-[[ $compile != "" ]]          && cmd+=(-compile "$compile")
-[[ $seed != "" ]]             && cmd+=(-seed "$seed")
+source "$test_path_dir/train_flags.sh"
+append_train_flags output_directory checkpoint_path fp16_run sigma workers device \
+    step_stop amp_dtype compile seed
 echo "[INFO] ${cmd[*]}" | tee "$log_file"
 if ! "${cmd[@]}" 2>&1 | tee -a "$log_file"; then
     echo "[Error] training failed; the log is $log_file" >&2
