@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -228,20 +229,30 @@ def training_throughput(model, device, amp, batch, segment, steps, fused_adam, w
     return batch * segment / seconds, peak_memory_mib(device)
 
 
-def inference_rtf(model, device, amp, mel, sampling_rate, repeats, seed=0, warmup=1):
-    """Real-time factor (seconds of audio per second of wall time) and the audio itself."""
+def synthesis(model, device, amp, mel, seed=0):
+    """A function that synthesises `mel` once (same noise each call) and returns the audio."""
     model.eval()
-    result = {}
 
     def run():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             z = torch.randn(1, model.n_group, mel.size(2) * 256 // model.n_group, device=device,
                             generator=torch.Generator(device).manual_seed(seed))
-            result["audio"] = model.reverse(mel, 0.6 * z).float()
+            return model.reverse(mel, 0.6 * z).float()
+    return run
 
-    reset_peak_memory(device)
-    seconds = timed(run, device, repeats, warmup)
-    return mel.size(2) * 256 / sampling_rate / seconds, result["audio"], peak_memory_mib(device)
+
+def interleaved_seconds(runs, device, rounds):
+    """Median wall time of each run, timed in rounds that take every run in turn: a drift of the machine's
+    speed during the benchmark (shared hosts, clocks) then hits all variants alike, not the last ones."""
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def snr_db(reference, test):
@@ -275,7 +286,8 @@ def main():
     parser.add_argument("--train_segment", type=int, default=None, help="default: 16000")
     parser.add_argument("--train_steps", type=int, default=None)
     parser.add_argument("--infer_seconds", type=float, nargs="+", default=[1.0, 10.0])
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds of each inference (median) and of the machine limit (default: 10 GPU, 3 CPU)")
     parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with torch.compile'd coupling networks (compile time not counted)")
@@ -294,7 +306,7 @@ def main():
     batch = args.train_batch or (12 if gpu else 2)
     segment = args.train_segment or 16000
     steps = args.train_steps or (10 if gpu else 2)
-    repeats = args.repeats or (10 if gpu else 2)
+    repeats = args.repeats or (10 if gpu else 3)
     if args.quick:
         batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5]
     with open(args.config) as f:
@@ -373,17 +385,21 @@ def main():
     infer_rtf, snrs = {}, {}
     for seconds in args.infer_seconds:
         mel = speech_mel(seconds, device, sampling_rate)
-        reference = None
+        runs = {name: synthesis(model, device, amp, mel) for name, model, amp in infer_variants}
+        audio, memory = {}, {}
+        for name, run in runs.items():  # warm-up (and compilation) one variant at a time, for its peak memory
+            reset_peak_memory(device)
+            for _ in range(2 if name.endswith("compiled") else 1):
+                audio[name] = run()
+            sync(device)
+            memory[name] = peak_memory_mib(device)
+        timings = interleaved_seconds(runs, device, repeats)
         for name, model, amp in infer_variants:
-            rtf, audio, memory = inference_rtf(model, device, amp, mel, sampling_rate, repeats,
-                                               warmup=2 if name.endswith("compiled") else 1)
-            infer_rtf[(name, seconds)] = rtf
-            if name == "ours fp32":
-                reference = audio
-            elif reference is not None and amp is not None:
-                snrs[(name, seconds)] = snr_db(reference, audio)
+            infer_rtf[(name, seconds)] = rtf = mel.size(2) * 256 / sampling_rate / timings[name]
+            if amp is not None:
+                snrs[(name, seconds)] = snr_db(audio["ours fp32"], audio[name])
             report("infer", f"{name} {seconds:g}s", rtf, "x realtime", forward_flop * sampling_rate,
-                   dtype_name(amp) if amp else "fp32", memory)
+                   dtype_name(amp) if amp else "fp32", memory[name])
     for (name, seconds), value in snrs.items():
         print(f"SNR of {name} audio against float32, {seconds:g} s, same weights and noise: {value:.1f} dB")
     if baseline is not None:

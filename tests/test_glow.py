@@ -315,6 +315,38 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
     assert not any("bfloat16" in name or "cache" in name for name in model.state_dict())
 
 
+def test_cpu_bfloat16_inference_folds_biases_and_sums_in_place(monkeypatch):
+    """Folded CPU bf16 inference takes WN's in-place path (biases moved into the cond and end layers, matrix
+    products accumulating into their sums): it must compute what the layer-by-layer forward does, for a batch
+    (whose per-layer conditioning slices are strided views), without touching its inputs."""
+    from glow import WN
+    model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):  # zero-initialised or small in a fresh model; make every fold count
+                parameter.normal_(0, 0.3)
+    calls = []
+    in_place = WN._folded_inference_in_place
+    monkeypatch.setattr(WN, "_folded_inference_in_place", lambda self, *args: calls.append(1) or in_place(self, *args))
+    generator = torch.Generator().manual_seed(2)
+    audio, spect = torch.randn(3, 4, 50, generator=generator), torch.randn(3, 640, 50, generator=generator)
+    inputs = (audio.clone(), spect.clone())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fast = model.WN[0](inputs)
+        assert calls, "folded bf16 inference did not take the in-place path"
+        with torch.enable_grad():  # the training path: layer by layer
+            reference = model.WN[0](inputs)
+    assert torch.equal(inputs[0], audio) and torch.equal(inputs[1], spect)
+    assert fast.dtype == reference.dtype == torch.bfloat16
+    assert ((fast.float() - reference.float()).norm() / reference.float().norm()).item() < 2e-2
+    mel, z = torch.randn(3, 80, 6, generator=generator), torch.randn(3, 8, 6 * 32, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        audio_bf16 = model.reverse(mel, z)
+    audio_fp32 = model.reverse(mel, z)
+    assert ((audio_bf16 - audio_fp32).norm() / audio_fp32.norm()).item() < 2e-2
+
+
 def test_compiled_coupling_networks_compute_the_same_flow():
     """compile_coupling_networks (train.py --compile, inference.py --compile): same numbers both ways, with
     gradients, and the state dict keeps its names so checkpoints are interchangeable."""
