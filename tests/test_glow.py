@@ -317,8 +317,8 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
 
 def test_cpu_bfloat16_inference_folds_biases_and_sums_in_place(monkeypatch):
     """Folded CPU bf16 inference takes WN's in-place path (biases moved into the cond and end layers, matrix
-    products accumulating into their sums): it must compute what the layer-by-layer forward does, for a batch
-    (whose per-layer conditioning slices are strided views), without touching its inputs."""
+    products accumulating into their sums, the residual stream and the skip sum as views of one tensor): it must
+    compute what the layer-by-layer forward does, for a batch, without touching its inputs."""
     from glow import WN
     model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
     with torch.no_grad():
