@@ -44,7 +44,7 @@ class WeightNormConv1d(nn.Module):
         dtype = _matmul_dtype(x)
         if dtype is not None:
             if _folded_inference(self):
-                matrix, bias = self.inference_matrix(dtype)  # (a compiled graph hoists the casts itself)
+                matrix, bias = self.inference_matrix(dtype)
                 return _matmul_conv(x.to(dtype), matrix, bias, self.kernel_size, self.padding, self.dilation)
             return _conv1d_as_matmul(x, self.effective_weight(), self.bias, self.padding, self.dilation, dtype)
         return F.conv1d(x, self.effective_weight(), self.bias, padding=self.padding, dilation=self.dilation)
@@ -275,7 +275,7 @@ class WN(nn.Module):
         """forward() of a folded WN for inference as `dtype` matrix products (CPU bfloat16), with fewer memory
         passes: the in-layers' biases join the cond_layer's, the skip biases join the end layer's, each matrix
         product accumulates in place into the sum it feeds (baddbmm_), and the gate works in place. The same
-        math; on CPUs these passes are a fifth of the time once the matrix products run at the machine's peak."""
+        math; on CPUs, whose matrix products run near the machine's peak, these passes took a fifth of the time."""
         C, batch = self.n_channels, audio.size(0)
         audio = self.start(audio.to(dtype))
         state = torch.cat([audio, torch.zeros_like(audio)], 1)  # (B, 2C, T/g): the residual stream, the skip sum
