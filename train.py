@@ -25,8 +25,10 @@ save that fails (disk full) stops the run naming the last good checkpoint. dist_
 a rank waits for a dead or hung peer.
 """
 import argparse
+import atexit
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -297,6 +299,19 @@ def ignore_stop_signals(worker_id):
     # kills them mid-batch and the main process could not finish its step and save.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit handler (imported with torch), so it runs before it
+def kill_leftover_workers():
+    """At exit multiprocessing stops daemonic children with SIGTERM, then waits for them. Workers that ignore
+    SIGTERM (above) and belong to a loader still alive at exit (kept by a traceback's reference cycle, say)
+    would make the process wait forever; they hold nothing worth keeping, so kill them (and drop torch's
+    SIGCHLD handler first, which would report each as a failed worker)."""
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in leftover:
+        child.kill()
 
 
 def epoch_loader(dataset, sampler, epoch, skip_batches, batch_size, workers, pin_memory):

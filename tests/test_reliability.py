@@ -1,6 +1,6 @@
 """Faults injected for real, each with what must follow: kill -9 of training (at random moments and halfway
 through a checkpoint write), a full disk or a blocked destination while saving, a rank of a 2-process job that
-dies or hangs, a corpus of broken audio, a loss that diverges, bad config files and bad inference inputs.
+dies or hangs, a data loader still alive at exit, a corpus of broken audio, a loss that diverges, bad config files and bad inference inputs.
 
 Covered elsewhere and not repeated here: SIGTERM / SIGINT (test_train.py), an injected NaN step and the stop
 after too many (test_train.py), atomic save_checkpoint under a simulated full disk, truncated or foreign
@@ -273,6 +273,30 @@ def worker_pids(process, world_size):
         return len(found) == world_size
     wait_for(all_up, "the training processes", 60, process)
     return found
+
+
+LEAKED_LOADER = """
+import torch, train
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self): return 100
+    def __getitem__(self, i): return torch.tensor(i)
+loader = torch.utils.data.DataLoader(Numbers(), batch_size=2, num_workers=1, worker_init_fn=train.ignore_stop_signals)
+batches = iter(loader)
+next(batches)
+cycle = [batches]
+cycle.append(cycle)  # the worker's loader survives until exit, as when a traceback keeps a loop's frame
+del batches, cycle
+print("leaving", flush=True)
+"""
+
+
+def test_a_loader_left_alive_at_exit_does_not_hang_the_process():
+    """train.py's DataLoader workers ignore SIGTERM (so a stop signal to the group lets the step finish), which
+    is what multiprocessing sends them at exit before it waits for them: it must not wait forever."""
+    result = subprocess.run([sys.executable, "-c", LEAKED_LOADER], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "leaving\n", result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_killed_rank_ends_the_whole_job_quickly(tmp_path, corpus, spawn):
