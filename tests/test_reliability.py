@@ -1,6 +1,7 @@
 """Faults injected for real, each with what must follow: kill -9 of training (at random moments and halfway
 through a checkpoint write), a full disk or a blocked destination while saving, a rank of a 2-process job that
-dies or hangs, a data loader still alive at exit, a corpus of broken audio, a loss that diverges, bad config files and bad inference inputs.
+dies or hangs, a data loader still alive at exit, a corpus of broken audio, a loss that diverges, bad config
+files and bad inference inputs.
 
 Covered elsewhere and not repeated here: SIGTERM / SIGINT (test_train.py), an injected NaN step and the stop
 after too many (test_train.py), atomic save_checkpoint under a simulated full disk, truncated or foreign
