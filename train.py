@@ -308,7 +308,7 @@ def kill_leftover_workers():
     would make the process wait forever; they hold nothing worth keeping, so kill them (and drop torch's
     SIGCHLD handler first, which would report each as a failed worker)."""
     leftover = [child for child in multiprocessing.active_children() if child.daemon]
-    if leftover and threading.current_thread() is threading.main_thread():
+    if leftover and hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in leftover:
         child.kill()
