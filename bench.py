@@ -9,7 +9,8 @@ low precision), the model's FLOP count, training throughput (output audio sample
 inference real-time factor, each with the achieved FLOP/s as a share of the measured limit, and peak
 memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
 (BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside ours so the
-speed-ups are measured in the same run, on the same weights. GPU timings synchronise the device.
+speed-ups are measured in the same run, on the same weights. Inference variants are timed in interleaved
+rounds (median of each), so a drift of the machine's speed hits them alike. GPU timings synchronise the device.
 """
 import argparse
 import copy
