@@ -24,6 +24,16 @@ TINY_WAVEGLOW = {
 }
 
 
+def perturb_end_layers(model, std):
+    """A fresh WaveGlow is the identity flow (zero-initialised end layers): give them small random weights so
+    every coupling acts. Returns the model."""
+    with torch.no_grad():
+        for wn in model.WN:
+            wn.end.weight.normal_(0, std)
+            wn.end.bias.normal_(0, std)
+    return model
+
+
 def speechlike(seconds=1.0, sampling_rate=22050, f0=120.0, seed=0):
     """A voiced, pitch-gliding harmonic signal plus a little noise, in [-1, 1] (float64)."""
     rng = np.random.default_rng(seed)

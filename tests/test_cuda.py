@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO
+from conftest import REPO, perturb_end_layers
 from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
 from test_launchers import NETWORK, check_training_summary, run_launcher
 
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def working_model(config, seed=0):
     """A WaveGlow whose zero-initialised output layers got small random weights, so every coupling acts."""
     torch.manual_seed(seed)
-    model = WaveGlow(**config)
-    with torch.no_grad():
-        for wn in model.WN:
-            wn.end.weight.normal_(0, 0.02)
-            wn.end.bias.normal_(0, 0.02)
-    return model
+    return perturb_end_layers(WaveGlow(**config), 0.02)
 
 
 def batch(seed=0, n=2, samples=4096):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import BaselineWaveGlow
-from conftest import REPO, TINY_WAVEGLOW
+from conftest import REPO, TINY_WAVEGLOW, perturb_end_layers
 from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
 
 
@@ -15,12 +15,7 @@ def make_model(seed=0, randomise_end=True, **overrides):
     config = {**TINY_WAVEGLOW, "WN_config": dict(TINY_WAVEGLOW["WN_config"])}
     config.update(overrides)
     model = WaveGlow(**config)
-    if randomise_end:  # a fresh model is the identity flow; perturb it so tests see real couplings
-        with torch.no_grad():
-            for wn in model.WN:
-                wn.end.weight.normal_(0, 0.1)
-                wn.end.bias.normal_(0, 0.1)
-    return model
+    return perturb_end_layers(model, 0.1) if randomise_end else model
 
 
 def batch(n_samples=2048, batch_size=2, seed=1):
