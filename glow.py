@@ -53,7 +53,7 @@ class WeightNormConv1d(nn.Module):
         """The folded weight as a tap-major (C_out, k*C_in) matrix and the bias, both in `dtype`: made once, not
         at every call; the key changes with any update of the weights (in-place steps, load_state_dict, .to()).
         Never saved."""
-        key = (dtype, self.weight._version, self.weight.data_ptr(), self.bias._version, self.bias.data_ptr())
+        key = (dtype, *_weights_key(self))
         if getattr(self, "_inference_key", None) != key:
             out_channels, in_channels, kernel_size = self.weight.shape
             matrix = self.weight.detach().permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
@@ -84,6 +84,11 @@ class WeightNormConv1d(nn.Module):
     def extra_repr(self):
         shape = tuple((self.weight if self.folded else self.weight_v).shape)
         return f"weight={shape}, dilation={self.dilation}, padding={self.padding}, folded={self.folded}"
+
+
+def _weights_key(layer):
+    """Changes with any update of a folded layer's weight or bias: in-place steps, load_state_dict, .to()."""
+    return layer.weight._version, layer.weight.data_ptr(), layer.bias._version, layer.bias.data_ptr()
 
 
 def _matmul_dtype(x):
@@ -119,13 +124,28 @@ def _conv1d_as_matmul(x, weight, bias, padding, dilation, dtype=torch.bfloat16):
     return _MatmulConv1d.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), padding, dilation)
 
 
-def _im2col(x, kernel_size, padding, dilation):
-    # (B, C_in, T) -> (B, k*C_in, T), tap-major
-    if kernel_size == 1:
+def _im2col(x, kernel_size, padding, dilation, out=None):
+    # (B, C_in, T) -> (B, k*C_in, T), tap-major: tap i holds x shifted by i*dilation - padding, zeros past the ends.
+    # Eagerly written tap by tap into one buffer (optionally a given one): a third of the memory passes of
+    # pad-and-cat. Compiled code keeps pad-and-cat, which the compiler fuses into its neighbours instead.
+    if kernel_size == 1 and out is None:
         return x
-    length = x.size(2)
-    x = F.pad(x, (padding, padding))
-    return torch.cat([x[:, :, i * dilation:i * dilation + length] for i in range(kernel_size)], 1)
+    batch, channels, length = x.shape
+    if out is None and torch.compiler.is_compiling():
+        x = F.pad(x, (padding, padding))
+        return torch.cat([x[:, :, i * dilation:i * dilation + length] for i in range(kernel_size)], 1)
+    if out is None:
+        out = x.new_empty(batch, kernel_size * channels, length)
+    for i, tap in enumerate(out.split(channels, dim=1)):
+        shift = i * dilation - padding  # tap[t] = x[t + shift]
+        start, end = max(0, -shift), min(length, length - shift)
+        if start >= end:
+            tap.zero_()
+            continue
+        tap[:, :, start:end].copy_(x[:, :, start + shift:end + shift])
+        tap[:, :, :start].zero_()
+        tap[:, :, end:].zero_()
+    return out
 
 
 def _matmul_conv(x, matrix, bias, kernel_size, padding, dilation):
@@ -273,37 +293,73 @@ class WN(nn.Module):
 
     def _folded_inference_in_place(self, audio, spect, dtype):
         """forward() of a folded WN for inference as `dtype` matrix products (CPU bfloat16), with fewer memory
-        passes: the in-layers' biases join the cond_layer's, the skip biases join the end layer's, each matrix
-        product accumulates in place into the sum it feeds (baddbmm_), and the gate works in place. The same
-        math; on CPUs, whose matrix products run near the machine's peak, these passes took a fifth of the time."""
-        C, batch = self.n_channels, audio.size(0)
+        passes; the same math, rearranged:
+        - each layer's conditioning and dilated convolution are one matrix product over the mel and the layer's
+          taps stacked in one buffer ([cond_i | in_i] @ [spect; taps]), their biases summed;
+        - the gate takes one sigmoid pass over both halves, as tanh(a) sigmoid(b) = (2 sigmoid(2a) - 1) sigmoid(b):
+          the 2a comes from doubled rows of that matrix, and the res_skip matrix, negated, takes
+          sigmoid(b) - 2 sigmoid(2a) sigmoid(b), one addcmul (a tanh pass costs three sigmoid passes on CPUs; the
+          bf16 sigmoid near 1/2 is a little coarser than a bf16 tanh near 0, and the audio stays ~70 dB SNR
+          against float32);
+        - the residual-and-skip products accumulate in place into the sums they feed (baddbmm_), and the skip
+          biases join the end layer's.
+        On CPUs this leaves about a tenth of the time outside the matrix products, which run near the machine's
+        peak (a sixth before)."""
+        C, batch, length = self.n_channels, audio.size(0), audio.size(2)
         audio = self.start(audio.to(dtype))
         state = torch.cat([audio, torch.zeros_like(audio)], 1)  # (B, 2C, T/g): the residual stream, the skip sum
         audio, skip_sum = state.split(C, dim=1)  # views: a res_skip product adds into both at once
-        spect = spect.to(dtype)
-        cond_matrix, cond_bias = self.cond_layer.inference_matrix(dtype)
-        cond_matrices, cond_biases = cond_matrix.split(2 * C), cond_bias.split(2 * C)
+        n_cond = spect.size(1)
+        kernel_size = self.in_layers[0].kernel_size
+        inputs = audio.new_empty(batch, n_cond + kernel_size * C, length)  # (B, n_mel*g + k*C, T/g)
+        inputs[:, :n_cond] = spect
+        taps = inputs[:, n_cond:]
+        # One buffer each for all layers: fresh multi-megabyte tensors per layer would cost page faults.
+        in_act = audio.new_empty(batch, 2 * C, length)  # (B, 2C, T/g): (2a, b)
+        negated_acts = audio.new_empty(batch, C, length)
         skip_bias = torch.zeros(C, dtype=torch.float32, device=audio.device)
-        for i, (in_layer, res_skip_layer) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            # Each layer's share of the conditioning, made when it is needed: oneDNN runs these products faster
-            # than one (2C*n_layers)-row product on long inputs, and they never hold all layers' at once.
-            in_matrix, in_bias = in_layer.inference_matrix(dtype)
-            in_act = _matmul_conv(spect, cond_matrices[i], cond_biases[i] + in_bias, 1, 0, 1)  # (B, 2C, T/g)
-            cols = _im2col(audio, in_layer.kernel_size, in_layer.padding, in_layer.dilation)
-            in_act.baddbmm_(in_matrix.expand(batch, -1, -1), cols)
-            tanh_input, sigmoid_input = in_act.split(C, dim=1)
-            acts = torch.tanh_(tanh_input).mul_(torch.sigmoid_(sigmoid_input))  # (B, C, T/g)
-            matrix, bias = res_skip_layer.inference_matrix(dtype)
-            if i < self.n_layers - 1:
-                state.baddbmm_(matrix.expand(batch, -1, -1), acts)
-                audio.add_(bias[:C].unsqueeze(1))
-                skip_bias += bias[C:]
-            else:
-                skip_sum.baddbmm_(matrix.expand(batch, -1, -1), acts)
-                skip_bias += bias
+        for in_layer, (input_matrix, input_bias, output_matrix, residual_bias, layer_skip_bias) in zip(
+                self.in_layers, self._inference_matrices(dtype)):
+            _im2col(audio, kernel_size, in_layer.padding, in_layer.dilation, out=taps)
+            torch.bmm(input_matrix.expand(batch, -1, -1), inputs, out=in_act).add_(input_bias.unsqueeze(1))
+            tanh_gate, sigmoid_gate = torch.sigmoid_(in_act).split(C, dim=1)
+            torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)  # (B, C, T/g)
+            if residual_bias is not None:
+                state.baddbmm_(output_matrix.expand(batch, -1, -1), negated_acts)
+                audio.add_(residual_bias.unsqueeze(1))
+            else:  # the last layer has only a skip output
+                skip_sum.baddbmm_(output_matrix.expand(batch, -1, -1), negated_acts)
+            skip_bias += layer_skip_bias
         end_matrix = self.end.weight.squeeze(2).float()  # (n_out, C)
         end_bias = self.end.bias.float() + end_matrix @ skip_bias
         return _matmul_conv(skip_sum, end_matrix.to(dtype), end_bias.to(dtype), 1, 0, 1)  # (B, n_out, T/g)
+
+    def _inference_matrices(self, dtype):
+        """Per layer, for _folded_inference_in_place: [cond_layer's rows for it | in_layer's tap-major matrix]
+        (2C, n_mel*g + k*C) with the tanh half doubled and their summed bias (likewise), the negated res_skip
+        matrix, its residual bias (None for the last layer) and its skip bias (float32). In `dtype` (scaling by
+        -1 and 2 is exact in it), made once and kept until any of these weights changes. Never saved."""
+        layers = [self.cond_layer, *self.in_layers, *self.res_skip_layers]
+        key = (dtype, *(_weights_key(layer) for layer in layers))
+        if getattr(self, "_inference_matrices_key", None) != key:
+            C = self.n_channels
+            tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(self.cond_layer.weight.device)
+            matrices = []
+            with torch.no_grad():
+                cond_weights = self.cond_layer.weight.squeeze(2).split(2 * C)
+                cond_biases = self.cond_layer.bias.split(2 * C)
+                for cond_weight, cond_bias, in_layer, res_skip_layer in zip(
+                        cond_weights, cond_biases, self.in_layers, self.res_skip_layers):
+                    in_weight = in_layer.weight.permute(0, 2, 1).reshape(2 * C, -1)  # tap-major
+                    input_matrix = torch.cat([cond_weight, in_weight], 1).float() * tanh_rows_doubled
+                    input_bias = (cond_bias.float() + in_layer.bias.float()) * tanh_rows_doubled.squeeze(1)
+                    output_matrix = -res_skip_layer.weight.squeeze(2)
+                    bias = res_skip_layer.bias.float()
+                    residual_bias = bias[:C].to(dtype) if bias.numel() > C else None
+                    matrices.append((input_matrix.to(dtype).contiguous(), input_bias.to(dtype),
+                                     output_matrix.to(dtype).contiguous(), residual_bias, bias[-C:]))
+            self._inference_matrices_cache, self._inference_matrices_key = matrices, key
+        return self._inference_matrices_cache
 
 
 def gated_activation(x, n_channels):

@@ -253,9 +253,10 @@ def test_bad_inputs_are_clear_errors():
         model.infer(mel[0])
 
 
-@pytest.mark.parametrize("kernel_size, dilation, batch_size", [(3, 4, 2), (3, 1, 1), (1, 1, 3), (5, 2, 2)])
+@pytest.mark.parametrize("kernel_size, dilation, batch_size", [(3, 4, 2), (3, 1, 1), (1, 1, 3), (5, 2, 2), (3, 64, 1)])
 def test_cpu_bfloat16_matmul_convolution_matches_conv1d(kernel_size, dilation, batch_size):
-    """The bf16 CPU layers run as matrix products with a hand-written backward: check both directions."""
+    """The bf16 CPU layers run as matrix products with a hand-written backward: check both directions, also with
+    a dilation past the sequence's length (the outer taps see only zero padding)."""
     import torch.nn.functional as F
     from glow import _conv1d_as_matmul
     padding = (kernel_size * dilation - dilation) // 2
@@ -296,13 +297,16 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.infer(mel, sigma=0.5, seed=1)
     first, again = bf16_infer(), bf16_infer()
-    with torch.no_grad():
-        model.WN[0].in_layers[0].weight.mul_(3.0)
-    changed = bf16_infer()
+    changed = []
+    for layer in (model.WN[0].in_layers[0], model.WN[1].cond_layer, model.WN[2].res_skip_layers[1], model.WN[3].start):
+        with torch.no_grad():
+            layer.weight.mul_(3.0)
+        changed.append(bf16_infer())
     model.load_state_dict(other)
     reloaded = bf16_infer()
     assert torch.equal(first, again)
-    assert not torch.equal(first, changed) and not torch.equal(changed, reloaded)
+    for before, after in zip([first] + changed, changed + [reloaded]):
+        assert not torch.equal(before, after)
     fresh = remove_weightnorm(make_model(seed=9)).eval()
     fresh.load_state_dict(other)  # the same weights by the same route, never cached before
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -311,9 +315,10 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
 
 
 def test_cpu_bfloat16_inference_folds_biases_and_sums_in_place(monkeypatch):
-    """Folded CPU bf16 inference takes WN's in-place path (biases moved into the cond and end layers, matrix
-    products accumulating into their sums, the residual stream and the skip sum as views of one tensor): it must
-    compute what the layer-by-layer forward does, for a batch, without touching its inputs."""
+    """Folded CPU bf16 inference takes WN's in-place path (conditioning and dilated convolution as one product,
+    the gate through sigmoids alone, biases moved, matrix products accumulating into their sums, the residual
+    stream and the skip sum as views of one tensor): it must compute what the layer-by-layer forward does, for a
+    batch, without touching its inputs."""
     from glow import WN
     model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
     with torch.no_grad():
