@@ -95,7 +95,8 @@ def _matmul_dtype(x):
     """The dtype in which a convolution on `x` runs as matrix products, or None for F.conv1d.
 
     On CPUs with bfloat16 units, oneDNN's bf16 matmul runs WaveGlow's shapes 1.2-1.5x faster than its bf16
-    convolution (dilated and long-sequence cases most); float32 keeps the convolution, which is as fast there.
+    convolution (dilated and long-sequence cases most); float32 training keeps the convolution, as fast there
+    (float32 inference with folded weights takes WN._folded_inference_in_place, matrix products too).
     On GPUs, compiled mixed-precision training: there torch.compile fuses the matrix form with its neighbours
     far better than it can around cuDNN's convolution (1.3x the training throughput on an H100, and a
     quarter of the memory). Eager GPU code and inference keep cuDNN, which is faster for them.
@@ -270,9 +271,9 @@ class WN(nn.Module):
 
     def forward(self, forward_input):
         audio, spect = forward_input  # (B, n_half, T/g), (B, n_mel*g, T/g)
-        matmul_dtype = _matmul_dtype(spect)
-        if matmul_dtype is not None and _folded_inference(self.start):
-            return self._folded_inference_in_place(audio, spect, matmul_dtype)
+        if spect.device.type == "cpu" and _folded_inference(self.start):
+            # bfloat16 under autocast, else the mel's own dtype (float32: 1.1-1.2x the convolutions' speed)
+            return self._folded_inference_in_place(audio, spect, _matmul_dtype(spect) or spect.dtype)
         C = self.n_channels
         audio = self.start(audio.to(spect.dtype))  # (B, C, T/g) in the conditioning's compute dtype
         # split() rather than slicing: the backward of n slices allocates n full-size zero gradients,
@@ -292,8 +293,8 @@ class WN(nn.Module):
         return self.end(output)  # (B, n_out, T/g)
 
     def _folded_inference_in_place(self, audio, spect, dtype):
-        """forward() of a folded WN for inference as `dtype` matrix products (CPU bfloat16), with fewer memory
-        passes; the same math, rearranged:
+        """forward() of a folded WN for inference on a CPU as `dtype` matrix products (bfloat16 or float32), with
+        fewer memory passes than layer by layer; the same math, rearranged:
         - each layer's conditioning and dilated convolution are one matrix product over the mel and the layer's
           taps stacked in one buffer ([cond_i | in_i] @ [spect; taps]), their biases summed;
         - the gate takes one sigmoid pass over both halves, as tanh(a) sigmoid(b) = (2 sigmoid(2a) - 1) sigmoid(b):
@@ -303,7 +304,7 @@ class WN(nn.Module):
           against float32);
         - the residual-and-skip products accumulate in place into the sums they feed (baddbmm_), and the skip
           biases join the end layer's.
-        On CPUs this leaves about a tenth of the time outside the matrix products, which run near the machine's
+        In bfloat16 on CPUs this leaves about a tenth of the time outside the matrix products, which run near the machine's
         peak (a sixth before)."""
         C, batch, length = self.n_channels, audio.size(0), audio.size(2)
         audio = self.start(audio.to(dtype))
@@ -338,7 +339,8 @@ class WN(nn.Module):
         """Per layer, for _folded_inference_in_place: [cond_layer's rows for it | in_layer's tap-major matrix]
         (2C, n_mel*g + k*C) with the tanh half doubled and their summed bias (likewise), the negated res_skip
         matrix, its residual bias (None for the last layer) and its skip bias (float32). In `dtype` (scaling by
-        -1 and 2 is exact in it), made once and kept until any of these weights changes. Never saved."""
+        -1 and 2 is exact in it), made once and kept until any of these weights changes (in float32 a second copy of
+        the WN weights: 0.3 GB for config.json's model). Never saved."""
         layers = [self.cond_layer, *self.in_layers, *self.res_skip_layers]
         key = (dtype, *(_weights_key(layer) for layer in layers))
         if getattr(self, "_inference_matrices_key", None) != key:

@@ -314,8 +314,8 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
     assert not any("bfloat16" in name or "cache" in name for name in model.state_dict())
 
 
-def test_cpu_bfloat16_inference_folds_biases_and_sums_in_place(monkeypatch):
-    """Folded CPU bf16 inference takes WN's in-place path (conditioning and dilated convolution as one product,
+def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
+    """Folded CPU inference (bf16, then float32) takes WN's in-place path (conditioning and dilated convolution as one product,
     the gate through sigmoids alone, biases moved, matrix products accumulating into their sums, the residual
     stream and the skip sum as views of one tensor): it must compute what the layer-by-layer forward does, for a
     batch, without touching its inputs."""
@@ -340,6 +340,11 @@ def test_cpu_bfloat16_inference_folds_biases_and_sums_in_place(monkeypatch):
     assert torch.equal(inputs[0], audio) and torch.equal(inputs[1], spect)
     assert fast.dtype == reference.dtype == torch.bfloat16
     assert ((fast.float() - reference.float()).norm() / reference.float().norm()).item() < 2e-2
+    calls.clear()
+    with torch.no_grad():  # float32 takes the same path, to float32 accuracy
+        fast = model.WN[0](inputs)
+    assert calls, "folded float32 inference did not take the in-place path"
+    torch.testing.assert_close(fast, model.WN[0](inputs), rtol=1e-5, atol=1e-5)
     mel, z = torch.randn(3, 80, 6, generator=generator), torch.randn(3, 8, 6 * 32, generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         audio_bf16 = model.reverse(mel, z)
