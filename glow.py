@@ -341,8 +341,11 @@ class WN(nn.Module):
         kept until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for
         config.json's model). Never saved."""
         modules = [self.cond_layer, *self.in_layers, *self.res_skip_layers, self.end]
-        key = (dtype, *(_weights_key(module) for module in modules))
-        if getattr(self, "_inference_matrices_key", None) != key:
+        key = tuple(_weights_key(module) for module in modules)
+        # One entry per dtype: a program (or benchmark) that alternates float32 and bfloat16 calls must not
+        # rebuild them at every call.
+        caches = self.__dict__.setdefault("_inference_matrices_by_dtype", {})
+        if dtype not in caches or caches[dtype][0] != key:
             C = self.n_channels
             tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(self.cond_layer.weight.device)
             end_matrix = self.end.weight.detach().squeeze(2).float()  # (n_out, C)
@@ -365,9 +368,8 @@ class WN(nn.Module):
                         residual_bias = bias[:C].to(dtype)
                     layers.append((input_matrix.to(dtype).contiguous(), input_bias.to(dtype),
                                    output_matrix.to(dtype).contiguous(), residual_bias))
-            self._inference_matrices_cache = (layers, output_bias.to(dtype))
-            self._inference_matrices_key = key
-        return self._inference_matrices_cache
+            caches[dtype] = (key, (layers, output_bias.to(dtype)))
+        return caches[dtype][1]
 
 
 def gated_activation(x, n_channels):

@@ -312,6 +312,10 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(reloaded, fresh.infer(mel, sigma=0.5, seed=1))
     assert not any("bfloat16" in name or "cache" in name for name in model.state_dict())
+    # float32 and bfloat16 inference keep a cache each: alternating them must not rebuild either
+    bf16_matrices = model.WN[0]._inference_matrices(torch.bfloat16)
+    model.infer(mel, sigma=0.5, seed=1)
+    assert model.WN[0]._inference_matrices(torch.bfloat16) is bf16_matrices
 
 
 def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
