@@ -298,7 +298,7 @@ class WN(nn.Module):
         - each layer's conditioning and dilated convolution are one matrix product over the mel and the layer's
           taps stacked in one buffer ([cond_i | in_i] @ [spect; taps]), their biases summed;
         - the gate takes one sigmoid pass over both halves, as tanh(a) sigmoid(b) = (2 sigmoid(2a) - 1) sigmoid(b):
-          the 2a comes from doubled rows of that matrix, and the next product, negated, takes
+          the 2a comes from doubled rows of that matrix, and the res_skip matrix, negated, takes
           sigmoid(b) - 2 sigmoid(2a) sigmoid(b), one addcmul (a tanh pass costs three sigmoid passes on CPUs; the
           bf16 sigmoid near 1/2 is a little coarser than a bf16 tanh near 0, and the audio stays ~70 dB SNR
           against float32);
@@ -318,7 +318,7 @@ class WN(nn.Module):
         inputs = audio.new_empty(batch, n_cond + kernel_size * C, length)  # (B, n_mel*g + k*C, T/g)
         inputs[:, :n_cond] = spect
         taps = inputs[:, n_cond:]
-        # One buffer each for all layers: fresh multi-megabyte tensors per layer would cost page faults.
+        # One buffer each, reused by every layer.
         in_act = audio.new_empty(batch, 2 * C, length)  # (B, 2C, T/g): (2a, b)
         negated_acts = audio.new_empty(batch, C, length)
         for in_layer, (input_matrix, input_bias, output_matrix, residual_bias) in zip(self.in_layers, layers):
