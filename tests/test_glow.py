@@ -298,7 +298,8 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
             return model.infer(mel, sigma=0.5, seed=1)
     first, again = bf16_infer(), bf16_infer()
     changed = []
-    for layer in (model.WN[0].in_layers[0], model.WN[1].cond_layer, model.WN[2].res_skip_layers[1], model.WN[3].start):
+    for layer in (model.WN[0].in_layers[0], model.WN[1].cond_layer, model.WN[2].res_skip_layers[1], model.WN[3].start,
+                  model.WN[0].end):
         with torch.no_grad():
             layer.weight.mul_(3.0)
         changed.append(bf16_infer())
