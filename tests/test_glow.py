@@ -320,10 +320,10 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
 
 
 def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
-    """Folded CPU inference (bf16, then float32) takes WN's in-place path (conditioning and dilated convolution as one product,
-    the gate through sigmoids alone, biases moved, matrix products accumulating into their sums, the residual
-    stream and the skip sum as views of one tensor): it must compute what the layer-by-layer forward does, for a
-    batch, without touching its inputs."""
+    """Folded CPU inference (bf16, then float32) takes WN's in-place path (conditioning and dilated convolution
+    as one product, the gate through sigmoids alone, the end layer folded into the skip matrices, biases moved,
+    products accumulating into the residual stream and the output as views of one tensor): it must compute what
+    the layer-by-layer forward does, for a batch, without touching its inputs."""
     from glow import WN
     model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
     with torch.no_grad():
