@@ -50,16 +50,10 @@ class WeightNormConv1d(nn.Module):
         return F.conv1d(x, self.effective_weight(), self.bias, padding=self.padding, dilation=self.dilation)
 
     def inference_matrix(self, dtype):
-        """The folded weight as a tap-major (C_out, k*C_in) matrix and the bias, both in `dtype`: made once, not
-        at every call; the key changes with any update of the weights (in-place steps, load_state_dict, .to()).
-        Never saved."""
-        key = (dtype, *_weights_key(self))
-        if getattr(self, "_inference_key", None) != key:
-            out_channels, in_channels, kernel_size = self.weight.shape
-            matrix = self.weight.detach().permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
-            self._inference_cache = (matrix.to(dtype).contiguous(), self.bias.detach().to(dtype))
-            self._inference_key = key
-        return self._inference_cache
+        """The folded weight as a tap-major (C_out, k*C_in) matrix and the bias, both in `dtype`: made once per
+        dtype and kept until the weights change (_cached_per_dtype)."""
+        return _cached_per_dtype(self, dtype, [self], lambda: (
+            _tap_major(self.weight.detach()).to(dtype).contiguous(), self.bias.detach().to(dtype)))
 
     @torch.no_grad()
     def fold(self):
@@ -86,9 +80,22 @@ class WeightNormConv1d(nn.Module):
         return f"weight={shape}, dilation={self.dilation}, padding={self.padding}, folded={self.folded}"
 
 
-def _weights_key(layer):
-    """Changes with any update of a folded layer's weight or bias: in-place steps, load_state_dict, .to()."""
-    return layer.weight._version, layer.weight.data_ptr(), layer.bias._version, layer.bias.data_ptr()
+def _cached_per_dtype(owner, dtype, layers, build):
+    """build()'s result for `dtype`, kept on `owner` until any weight or bias of `layers` changes (in-place steps,
+    load_state_dict, .to() all change a version or a storage). One entry per dtype: a program that alternates
+    float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
+    key = tuple((layer.weight._version, layer.weight.data_ptr(), layer.bias._version, layer.bias.data_ptr())
+                for layer in layers)
+    caches = owner.__dict__.setdefault("_inference_caches", {})
+    if dtype not in caches or caches[dtype][0] != key:
+        caches[dtype] = (key, build())
+    return caches[dtype][1]
+
+
+def _tap_major(weight):
+    # Conv1d weight (C_out, C_in, k) -> (C_out, k*C_in), the column order of _im2col's taps
+    out_channels, in_channels, kernel_size = weight.shape
+    return weight.permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
 
 
 def _matmul_dtype(x):
@@ -159,11 +166,10 @@ def _matmul_conv(x, matrix, bias, kernel_size, padding, dilation):
 class _MatmulConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, padding, dilation):
-        out_channels, in_channels, kernel_size = weight.shape
+        kernel_size = weight.size(2)
         ctx.save_for_backward(x, weight)
         ctx.conv = (padding, dilation)
-        matrix = weight.permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
-        return _matmul_conv(x, matrix, bias, kernel_size, padding, dilation)  # (B, C_out, T)
+        return _matmul_conv(x, _tap_major(weight), bias, kernel_size, padding, dilation)  # (B, C_out, T)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -172,7 +178,7 @@ class _MatmulConv1d(torch.autograd.Function):
         out_channels, in_channels, kernel_size = weight.shape
         batch, length = x.size(0), x.size(2)
         grad_y = grad_y.contiguous()
-        matrix = weight.permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
+        matrix = _tap_major(weight)
         cols = _im2col(x, kernel_size, padding, dilation)  # recomputed: cheaper than keeping k copies
         # Sum over the batch by folding it into the matrix product's inner dimension.
         grad_matrix = torch.matmul(grad_y.transpose(0, 1).reshape(out_channels, batch * length),
@@ -340,36 +346,31 @@ class WN(nn.Module):
         (None for the last); and the output bias, end's plus end @ all skip biases. Folded in float32, made once and
         kept until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for
         config.json's model). Never saved."""
-        modules = [self.cond_layer, *self.in_layers, *self.res_skip_layers, self.end]
-        key = tuple(_weights_key(module) for module in modules)
-        # One entry per dtype: a program (or benchmark) that alternates float32 and bfloat16 calls must not
-        # rebuild them at every call.
-        caches = self.__dict__.setdefault("_inference_matrices_by_dtype", {})
-        if dtype not in caches or caches[dtype][0] != key:
-            C = self.n_channels
-            tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(self.cond_layer.weight.device)
-            end_matrix = self.end.weight.detach().squeeze(2).float()  # (n_out, C)
-            output_bias = self.end.bias.detach().float().clone()  # accumulated into below
-            layers = []
-            with torch.no_grad():
-                cond_weights = self.cond_layer.weight.squeeze(2).split(2 * C)
-                cond_biases = self.cond_layer.bias.split(2 * C)
-                for cond_weight, cond_bias, in_layer, res_skip_layer in zip(
-                        cond_weights, cond_biases, self.in_layers, self.res_skip_layers):
-                    in_weight = in_layer.weight.permute(0, 2, 1).reshape(2 * C, -1)  # tap-major
-                    input_matrix = torch.cat([cond_weight, in_weight], 1).float() * tanh_rows_doubled
-                    input_bias = (cond_bias.float() + in_layer.bias.float()) * tanh_rows_doubled.squeeze(1)
-                    weight, bias = res_skip_layer.weight.squeeze(2).float(), res_skip_layer.bias.float()
-                    output_matrix = -(end_matrix @ weight[-C:])  # (n_out, C): the skip rows through the end layer
-                    output_bias += end_matrix @ bias[-C:]
-                    residual_bias = None
-                    if weight.size(0) > C:
-                        output_matrix = torch.cat([-weight[:C], output_matrix])  # (C + n_out, C)
-                        residual_bias = bias[:C].to(dtype)
-                    layers.append((input_matrix.to(dtype).contiguous(), input_bias.to(dtype),
-                                   output_matrix.to(dtype).contiguous(), residual_bias))
-            caches[dtype] = (key, (layers, output_bias.to(dtype)))
-        return caches[dtype][1]
+        layers = [self.cond_layer, *self.in_layers, *self.res_skip_layers, self.end]
+        return _cached_per_dtype(self, dtype, layers, lambda: self._fold_inference_matrices(dtype))
+
+    @torch.no_grad()
+    def _fold_inference_matrices(self, dtype):
+        C = self.n_channels
+        tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(self.cond_layer.weight.device)
+        end_matrix = self.end.weight.squeeze(2).float()  # (n_out, C)
+        output_bias = self.end.bias.float().clone()  # accumulated into below
+        layers = []
+        for cond_weight, cond_bias, in_layer, res_skip_layer in zip(
+                self.cond_layer.weight.squeeze(2).split(2 * C), self.cond_layer.bias.split(2 * C),
+                self.in_layers, self.res_skip_layers):
+            input_matrix = torch.cat([cond_weight, _tap_major(in_layer.weight)], 1).float() * tanh_rows_doubled
+            input_bias = (cond_bias.float() + in_layer.bias.float()) * tanh_rows_doubled.squeeze(1)
+            weight, bias = res_skip_layer.weight.squeeze(2).float(), res_skip_layer.bias.float()
+            output_matrix = -(end_matrix @ weight[-C:])  # (n_out, C): the skip rows through the end layer
+            output_bias += end_matrix @ bias[-C:]
+            residual_bias = None
+            if weight.size(0) > C:
+                output_matrix = torch.cat([-weight[:C], output_matrix])  # (C + n_out, C)
+                residual_bias = bias[:C].to(dtype)
+            layers.append((input_matrix.to(dtype).contiguous(), input_bias.to(dtype),
+                           output_matrix.to(dtype).contiguous(), residual_bias))
+        return layers, output_bias.to(dtype)
 
 
 def gated_activation(x, n_channels):
