@@ -310,42 +310,46 @@ class WN(nn.Module):
           against float32);
         - the skip sum only ever feeds the end layer, so the end layer is folded into each layer's skip matrix
           (end @ skip_i: n_out rows instead of C), and each layer's product accumulates in place (baddbmm_) into
-          the residual stream and the output at once: 7 % fewer multiply-adds for config.json's model.
+          the residual stream and the output at once: 7 % fewer multiply-adds for config.json's model;
+        - every bias rides in its matrix as a last column, against a row of ones kept at the end of the buffer the
+          matrix multiplies, so no bias takes a pass of its own.
         In bfloat16 on CPUs this leaves about a tenth of the time outside the matrix products, which run near the
         machine's peak."""
         C, batch, length = self.n_channels, audio.size(0), audio.size(2)
-        layers, output_bias = self._inference_matrices(dtype)
+        layers = self._inference_matrices(dtype)
         audio = self.start(audio.to(dtype))
-        n_out = output_bias.numel()
+        n_out = layers[-1][1].size(0)
         state = torch.cat([audio, audio.new_zeros(batch, n_out, length)], 1)  # (B, C + n_out, T/g)
         audio, output = state.split([C, n_out], dim=1)  # views: the residual stream, the WN's output
         n_cond = spect.size(1)
         kernel_size = self.in_layers[0].kernel_size
-        inputs = audio.new_empty(batch, n_cond + kernel_size * C, length)  # (B, n_mel*g + k*C, T/g)
+        # One buffer each, reused by every layer. Each ends in a row of ones: the matrices carry the biases as
+        # their last column, so no layer takes a separate pass to add a bias.
+        inputs = audio.new_empty(batch, n_cond + kernel_size * C + 1, length)  # (B, n_mel*g + k*C + 1, T/g)
         inputs[:, :n_cond] = spect
-        taps = inputs[:, n_cond:]
-        # One buffer each, reused by every layer.
+        inputs[:, -1] = 1
+        taps = inputs[:, n_cond:-1]
         in_act = audio.new_empty(batch, 2 * C, length)  # (B, 2C, T/g): (2a, b)
-        negated_acts = audio.new_empty(batch, C, length)
-        for in_layer, (input_matrix, input_bias, output_matrix, residual_bias) in zip(self.in_layers, layers):
+        acts_and_one = audio.new_empty(batch, C + 1, length)
+        acts_and_one[:, C] = 1
+        negated_acts = acts_and_one[:, :C]  # (B, C, T/g)
+        for in_layer, (input_matrix, output_matrix) in zip(self.in_layers, layers):
             _im2col(audio, kernel_size, in_layer.padding, in_layer.dilation, out=taps)
-            torch.bmm(input_matrix.expand(batch, -1, -1), inputs, out=in_act).add_(input_bias.unsqueeze(1))
+            torch.bmm(input_matrix.expand(batch, -1, -1), inputs, out=in_act)
             tanh_gate, sigmoid_gate = torch.sigmoid_(in_act).split(C, dim=1)
-            torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)  # (B, C, T/g)
-            if residual_bias is not None:
-                state.baddbmm_(output_matrix.expand(batch, -1, -1), negated_acts)
-                audio.add_(residual_bias.unsqueeze(1))
-            else:  # the last layer has only a skip output
-                output.baddbmm_(output_matrix.expand(batch, -1, -1), negated_acts)
-        return output.add_(output_bias.unsqueeze(1))  # (B, n_out, T/g)
+            torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)
+            # the last layer has only a skip output
+            target = state if output_matrix.size(0) > n_out else output
+            target.baddbmm_(output_matrix.expand(batch, -1, -1), acts_and_one)
+        return output  # (B, n_out, T/g)
 
     def _inference_matrices(self, dtype):
-        """For _folded_inference_in_place, in `dtype`: per layer, [cond_layer's rows for it | in_layer's tap-major
-        matrix] (2C, n_mel*g + k*C) with the tanh half doubled and their summed bias (likewise), the negated
-        [residual rows; end @ skip rows] of its res_skip layer (just -end @ skip for the last) and its residual bias
-        (None for the last); and the output bias, end's plus end @ all skip biases. Folded in float32, made once and
-        kept until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for
-        config.json's model). Never saved."""
+        """For _folded_inference_in_place, in `dtype`, per layer: the input matrix [cond_layer's rows for it |
+        in_layer's tap-major matrix | their summed bias] (2C, n_mel*g + k*C + 1), tanh half doubled; the output
+        matrix [negated residual rows; negated end @ skip rows | biases] (C + n_out, C + 1), only the skip rows for
+        the last layer, whose bias column also carries the end layer's bias. Folded in float32, made once and kept
+        until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for config.json's
+        model). Never saved."""
         layers = [self.cond_layer, *self.in_layers, *self.res_skip_layers, self.end]
         return _cached_per_dtype(self, dtype, layers, lambda: self._fold_inference_matrices(dtype))
 
@@ -354,23 +358,21 @@ class WN(nn.Module):
         C = self.n_channels
         tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(self.cond_layer.weight.device)
         end_matrix = self.end.weight.squeeze(2).float()  # (n_out, C)
-        output_bias = self.end.bias.float().clone()  # accumulated into below
         layers = []
         for cond_weight, cond_bias, in_layer, res_skip_layer in zip(
                 self.cond_layer.weight.squeeze(2).split(2 * C), self.cond_layer.bias.split(2 * C),
                 self.in_layers, self.res_skip_layers):
-            input_matrix = torch.cat([cond_weight, _tap_major(in_layer.weight)], 1).float() * tanh_rows_doubled
-            input_bias = (cond_bias.float() + in_layer.bias.float()) * tanh_rows_doubled.squeeze(1)
+            input_bias = cond_bias.float() + in_layer.bias.float()
+            input_matrix = torch.cat([cond_weight.float(), _tap_major(in_layer.weight).float(), input_bias[:, None]], 1)
             weight, bias = res_skip_layer.weight.squeeze(2).float(), res_skip_layer.bias.float()
-            output_matrix = -(end_matrix @ weight[-C:])  # (n_out, C): the skip rows through the end layer
-            output_bias += end_matrix @ bias[-C:]
-            residual_bias = None
-            if weight.size(0) > C:
-                output_matrix = torch.cat([-weight[:C], output_matrix])  # (C + n_out, C)
-                residual_bias = bias[:C].to(dtype)
-            layers.append((input_matrix.to(dtype).contiguous(), input_bias.to(dtype),
-                           output_matrix.to(dtype).contiguous(), residual_bias))
-        return layers, output_bias.to(dtype)
+            weight = torch.cat([weight[:-C], end_matrix @ weight[-C:]])  # the skip rows through the end layer
+            bias = torch.cat([bias[:-C], end_matrix @ bias[-C:]])
+            if res_skip_layer is self.res_skip_layers[-1]:  # skip rows only; the end layer's bias rides here
+                bias = bias + self.end.bias.float()
+            output_matrix = torch.cat([-weight, bias[:, None]], 1)  # (C + n_out or n_out, C + 1)
+            layers.append(((input_matrix * tanh_rows_doubled).to(dtype).contiguous(),
+                           output_matrix.to(dtype).contiguous()))
+        return layers
 
 
 def gated_activation(x, n_channels):
