@@ -323,8 +323,7 @@ class WN(nn.Module):
         audio, output = state.split([C, n_out], dim=1)  # views: the residual stream, the WN's output
         n_cond = spect.size(1)
         kernel_size = self.in_layers[0].kernel_size
-        # One buffer each, reused by every layer. Each ends in a row of ones: the matrices carry the biases as
-        # their last column, so no layer takes a separate pass to add a bias.
+        # One buffer each, reused by every layer; each ends in the row of ones that meets the matrices' bias column.
         inputs = audio.new_empty(batch, n_cond + kernel_size * C + 1, length)  # (B, n_mel*g + k*C + 1, T/g)
         inputs[:, :n_cond] = spect
         inputs[:, -1] = 1
