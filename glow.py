@@ -52,7 +52,7 @@ class WeightNormConv1d(nn.Module):
     def inference_matrix(self, dtype):
         """The folded weight as a tap-major (C_out, k*C_in) matrix and the bias, both in `dtype`: made once per
         dtype and kept until the weights change (_cached_per_dtype)."""
-        return _cached_per_dtype(self, dtype, [self], lambda: (
+        return _cached_per_dtype(self, dtype, [self.weight, self.bias], lambda: (
             _tap_major(self.weight.detach()).to(dtype).contiguous(), self.bias.detach().to(dtype)))
 
     @torch.no_grad()
@@ -80,12 +80,11 @@ class WeightNormConv1d(nn.Module):
         return f"weight={shape}, dilation={self.dilation}, padding={self.padding}, folded={self.folded}"
 
 
-def _cached_per_dtype(owner, dtype, layers, build):
-    """build()'s result for `dtype`, kept on `owner` until any weight or bias of `layers` changes (in-place steps,
-    load_state_dict, .to() all change a version or a storage). One entry per dtype: a program that alternates
-    float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
-    key = tuple((layer.weight._version, layer.weight.data_ptr(), layer.bias._version, layer.bias.data_ptr())
-                for layer in layers)
+def _cached_per_dtype(owner, dtype, tensors, build):
+    """build()'s result for `dtype`, kept on `owner` until any of `tensors` changes (in-place steps,
+    load_state_dict, .to() all change a version, a storage or a device). One entry per dtype: a program that
+    alternates float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
+    key = tuple((tensor._version, tensor.data_ptr(), tensor.device) for tensor in tensors)
     caches = owner.__dict__.setdefault("_inference_caches", {})
     if dtype not in caches or caches[dtype][0] != key:
         caches[dtype] = (key, build())
@@ -214,10 +213,6 @@ class Invertible1x1Conv(nn.Module):
         if torch.det(W) < 0:  # make det = +1 so W starts as a rotation
             W[:, 0] = -W[:, 0]
         self.conv.weight.data = W.view(c, c, 1).contiguous()
-        # The inverse is cached for inference; the key changes whenever W does (optimizer steps,
-        # load_state_dict, .to()), so a stale inverse is never used. Not a buffer: never saved.
-        self._inverse = None
-        self._inverse_key = None
 
     def forward(self, z, reverse=False):
         # z: (B, c, T/g), any dtype; computed in float32 (or the weight's dtype if wider)
@@ -235,13 +230,10 @@ class Invertible1x1Conv(nn.Module):
             return torch.matmul(W2d, z.to(compute_dtype)), log_det_W  # (c, c) @ (B, c, T/g)
 
     def _cached_inverse(self, dtype):
+        # W^-1 for inference, computed in float64 once and kept until W changes (_cached_per_dtype): never stale,
+        # never saved.
         W = self.conv.weight
-        key = (W._version, W.data_ptr(), W.device, dtype)
-        if self._inverse is None or self._inverse_key != key:
-            with torch.no_grad():
-                self._inverse = torch.linalg.inv(W.detach().squeeze(2).double()).to(dtype)  # (c, c)
-            self._inverse_key = key
-        return self._inverse
+        return _cached_per_dtype(self, dtype, [W], lambda: torch.linalg.inv(W.detach().squeeze(2).double()).to(dtype))
 
 
 class WN(nn.Module):
@@ -278,7 +270,7 @@ class WN(nn.Module):
     def forward(self, forward_input):
         audio, spect = forward_input  # (B, n_half, T/g), (B, n_mel*g, T/g)
         if spect.device.type == "cpu" and _folded_inference(self.start):
-            # bfloat16 under autocast, else the mel's own dtype (float32: 1.1-1.2x the convolutions' speed)
+            # bfloat16 under autocast, else the mel's own dtype (float32: at least the convolutions' speed)
             return self._folded_inference_in_place(audio, spect, _matmul_dtype(spect) or spect.dtype)
         C = self.n_channels
         audio = self.start(audio.to(spect.dtype))  # (B, C, T/g) in the conditioning's compute dtype
@@ -350,7 +342,8 @@ class WN(nn.Module):
         until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for config.json's
         model). Never saved."""
         layers = [self.cond_layer, *self.in_layers, *self.res_skip_layers, self.end]
-        return _cached_per_dtype(self, dtype, layers, lambda: self._fold_inference_matrices(dtype))
+        tensors = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+        return _cached_per_dtype(self, dtype, tensors, lambda: self._fold_inference_matrices(dtype))
 
     @torch.no_grad()
     def _fold_inference_matrices(self, dtype):
