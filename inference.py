@@ -3,8 +3,9 @@
     python inference.py -f mel_files.txt -w checkpoints/waveglow_21000 -o out/ --is_fp16 -s 0.6 -d 0.1
     python inference.py -w checkpoints/waveglow_21000 --eval_list test_files.txt -o eval/ [-c config.json]
 
-The list holds `.pt` mels ((80, F) or (1, 80, F) tensors, e.g. from `mel2samp.py` or Tacotron 2) and/or audio
-files, which are turned into mels first. Each input gives `<name without .pt>_synthesis.wav`, 16-bit PCM.
+The list holds mels, as `.pt` tensors or `.npy` arrays of shape (80, F) or (1, 80, F) (e.g. from `mel2samp.py`,
+Tacotron 2 or FastPitch), and/or audio files, which are turned into mels first. Each input gives
+`<name without .pt/.npy>_synthesis.wav`, 16-bit PCM.
 File i of the list draws its noise from seed + i, so its audio does not depend on batching or chunking.
 """
 import argparse
@@ -38,8 +39,8 @@ class InputError(Exception):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="WaveGlow inference: mels or wavs to speech; --eval_list evaluates")
-    parser.add_argument("-f", "--filelist_path", help="list of .pt mel files and/or audio files, one per line "
-                                                      "(relative paths: from the list's folder, else the cwd)")
+    parser.add_argument("-f", "--filelist_path", help="list of mel files (.pt or .npy) and/or audio files, one per "
+                                                      "line (relative paths: from the list's folder, else the cwd)")
     parser.add_argument("-w", "--waveglow_path", required=True, help="checkpoint of any flavour")
     parser.add_argument("-o", "--output_dir", required=True)
     parser.add_argument("-s", "--sigma", type=float, default=None,
@@ -99,27 +100,37 @@ def make_stft(data, n_mel_channels):
                         data["sampling_rate"], data["mel_fmin"], data["mel_fmax"])
 
 
+MEL_SUFFIXES = (".pt", ".npy")
+
+
 def output_name(path):
     name = os.path.basename(path)
     return (name[:-3] if name.endswith(".pt") else os.path.splitext(name)[0]) + "_synthesis.wav"
 
 
 def load_mel(path, n_mel_channels):
-    """A .pt mel file -> (n_mel, F) float32 tensor on the CPU."""
+    """A mel file, .pt (torch tensor) or .npy (numpy array, never unpickled) -> (n_mel, F) float32 CPU tensor."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
+    kind = "a numpy array" if path.endswith(".npy") else "a torch tensor"
     try:
-        mel = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".npy"):
+            mel = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        else:
+            mel = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: cannot read it as a torch tensor file ({reason})") from None
+        raise InputError(f"{path}: cannot read it as {kind} file ({reason})") from None
     if not isinstance(mel, torch.Tensor):
         raise InputError(f"{path}: holds a {type(mel).__name__}, not a mel tensor")
     if mel.dim() == 3 and mel.size(0) == 1:
         mel = mel[0]
     if mel.dim() != 2 or mel.size(0) != n_mel_channels or mel.size(1) < 1:
+        # ESPnet-style and many other pipelines store mels time-major
+        hint = (f"; it looks time-major (frames, {n_mel_channels}): save its transpose"
+                if mel.dim() == 2 and mel.size(1) == n_mel_channels else "")
         raise InputError(f"{path}: mel of shape {tuple(mel.shape)}; the model takes ({n_mel_channels}, frames) "
-                         f"or (1, {n_mel_channels}, frames)")
+                         f"or (1, {n_mel_channels}, frames){hint}")
     mel = mel.float()
     if not torch.isfinite(mel).all():
         raise InputError(f"{path}: the mel contains NaN or infinite values")
@@ -251,7 +262,7 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
     items, failures = [], []
     for index, path in enumerate(paths):
         try:
-            mel = load_mel(path, n_mel) if path.endswith(".pt") else mel_of_audio(path, stft_maker())[0]
+            mel = load_mel(path, n_mel) if path.endswith(MEL_SUFFIXES) else mel_of_audio(path, stft_maker())[0]
             items.append((mel.size(1), index, path, mel))
         except InputError as error:
             failures.append(str(error))

@@ -52,8 +52,9 @@ def read_pcm(path):
 def test_cli_end_to_end(tmp_path, tiny_checkpoint):
     mel_file(tmp_path / "LJ001-0001.wav.pt", 30)
     mel_file(tmp_path / "tacotron.pt", 21, seed=1, leading_one=True)
+    np.save(tmp_path / "fastpitch.npy", np.random.default_rng(2).normal(-4.0, 1.0, (80, 17)).astype(np.float16))
     clip = write_wav(tmp_path / "speech.wav", speechlike(0.4))
-    filelist = write_list(tmp_path / "mels.txt", ["LJ001-0001.wav.pt", "tacotron.pt", str(clip)])
+    filelist = write_list(tmp_path / "mels.txt", ["LJ001-0001.wav.pt", "tacotron.pt", "fastpitch.npy", str(clip)])
     run = subprocess.run([sys.executable, str(REPO / "inference.py"), "-f", str(filelist), "-w", str(tiny_checkpoint),
                           "-o", str(tmp_path / "out"), "-s", "0.6", "-d", "0.05", "--seed", "1", "--device", "cpu"],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -61,7 +62,7 @@ def test_cli_end_to_end(tmp_path, tiny_checkpoint):
     assert "real-time factor" in run.stdout
     samples = len(sf.read(str(clip))[0])
     for name, expected in (("LJ001-0001.wav_synthesis.wav", 256 * 30), ("tacotron_synthesis.wav", 256 * 21),
-                           ("speech_synthesis.wav", 256 * (1 + samples // 256))):
+                           ("fastpitch_synthesis.wav", 256 * 17), ("speech_synthesis.wav", 256 * (1 + samples // 256))):
         info = sf.info(str(tmp_path / "out" / name))
         assert (info.subtype, info.samplerate, info.channels, info.frames) == ("PCM_16", 22050, 1, expected)
         assert np.abs(read_pcm(tmp_path / "out" / name)).max() > 0
@@ -155,15 +156,19 @@ def test_bad_inputs_are_reported_and_the_rest_still_made(tmp_path, tiny_checkpoi
     torch.save(torch.zeros(40, 8), tmp_path / "forty.pt")
     torch.save(torch.zeros(2, 80, 8), tmp_path / "stereo.pt")
     torch.save({"mel": torch.zeros(80, 8)}, tmp_path / "dict.pt")
+    np.save(tmp_path / "pickled.npy", np.array([{"mel": np.zeros((80, 8))}], dtype=object))
+    np.save(tmp_path / "time_major.npy", np.zeros((8, 80), dtype=np.float32))
     (tmp_path / "text.wav").write_text("not audio")
-    bad = ["missing.pt", "nan.pt", "forty.pt", "stereo.pt", "dict.pt", "text.wav"]
+    bad = ["missing.pt", "nan.pt", "forty.pt", "stereo.pt", "dict.pt", "pickled.npy", "time_major.npy", "text.wav"]
     filelist = write_list(tmp_path / "list.txt", [tmp_path / name for name in bad[:3] + ["good.pt"] + bad[3:]])
     assert inference.main(["-f", str(filelist), "-w", str(tiny_checkpoint), "-o", str(tmp_path / "out")]) == 1
     assert os.listdir(tmp_path / "out") == ["good_synthesis.wav"]
     errors = capsys.readouterr().err
     for name in bad:
         assert f"{tmp_path / name}:" in errors
-    assert "6 of 7 inputs failed" in errors
+    assert "cannot read it as a numpy array file" in errors  # pickled .npy: refused, never unpickled
+    assert "looks time-major (frames, 80)" in errors
+    assert "8 of 9 inputs failed" in errors
 
     empty = write_list(tmp_path / "empty.txt", [])
     assert inference.main(["-f", str(empty), "-w", str(tiny_checkpoint), "-o", str(tmp_path / "o2")]) == 1
