@@ -18,6 +18,13 @@ LJ_SAMPLE = REPO.parent / "shared" / "data" / "LJSpeech-sample"
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    # Raised inside torch when torch.compile first imports its CPU helpers; nothing this project can change.
+    config.addinivalue_line("filterwarnings",
+                            r"ignore:`torch\.jit\.script_method` is deprecated:DeprecationWarning")
+
+
 TINY_WAVEGLOW = {
     "n_mel_channels": 80, "n_flows": 4, "n_group": 8, "n_early_every": 2, "n_early_size": 2,
     "WN_config": {"n_layers": 2, "n_channels": 16, "kernel_size": 3},
