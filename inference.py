@@ -112,14 +112,15 @@ def load_mel(path, n_mel_channels):
     """A mel file, .pt (torch tensor) or .npy (numpy array, never unpickled) -> (n_mel, F) float32 CPU tensor."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
-    kind = "a numpy array" if path.endswith(".npy") else "a torch tensor"
+    is_array = path.endswith(".npy")
     try:
-        if path.endswith(".npy"):
+        if is_array:
             mel = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
         else:
             mel = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kind = "a numpy array" if is_array else "a torch tensor"
         raise InputError(f"{path}: cannot read it as {kind} file ({reason})") from None
     if not isinstance(mel, torch.Tensor):
         raise InputError(f"{path}: holds a {type(mel).__name__}, not a mel tensor")
