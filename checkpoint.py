@@ -1,42 +1,31 @@
-"""Checkpoints: every WaveGlow flavour in, safely; this project's format out, atomically.
+"""Checkpoints: this project's format out, atomically; every WaveGlow flavour in, safely.
 
 Flavours read (see load_checkpoint):
-  nvidia-upstream   NVIDIA/waveglow train.py and the published .pt files: a whole pickled glow.WaveGlow
-                    (weight norm hooks), possibly with the older cond_layers / res_layers + skip_layers
-  ascend            the Ascend ModelZoo port: a state dict whose Conv1d weights were Conv2d (trailing dim 1)
-  nvidia-dle        NVIDIA DeepLearningExamples: 'state_dict' (maybe 'module.'-prefixed), per-layer cond_layers
-  waveglow-pytorch  ours, written by train.py through save_checkpoint
-
-Nothing in a checkpoint runs as code. Every file first goes through torch.load(weights_only=True),
-torch's own audited reader, with the module classes upstream pickles (glow.WaveGlow, nn.Conv1d, the
-WeightNorm hook) registered as inert placeholders that only keep their attributes (_PickledObject);
-their tensors are then collected by name. That reader refuses pickled modules in the "legacy" file
-format of torch < 1.6, in which upstream's published checkpoints were saved, so those alone go through
-torch's legacy loader driven by a restricted unpickler that hands out the same placeholders and tensor
-rebuilders and refuses every other global.
+  waveglow-pytorch  ours, written by train.py through save_checkpoint: 'model' (a state dict in glow.py's
+                    names), 'format', 'format_version', and what resuming needs ('iteration', 'optimizer',
+                    'config', 'rng', ...)
+  nvidia-upstream   NVIDIA/waveglow's pickled glow.WaveGlow modules   } read by legacy_checkpoints.py, which
+  ascend            the Ascend ModelZoo port's Conv2d-shaped weights  } describes each and why nothing in a
+  nvidia-dle        NVIDIA DeepLearningExamples' 'state_dict'         } checkpoint ever runs as code
 
     python checkpoint.py INPUT OUTPUT      # any flavour -> this project's format
 """
 import argparse
 import os
-import pickle
 import re
 import secrets
 import sys
-import warnings
 from collections import OrderedDict
 
 import torch
 
 from glow import WaveGlow, remove_weightnorm
+from legacy_checkpoints import (CheckpointError, conv1d_weight, foreign_state_dict, is_pickled_module, is_tensor_dict,
+                                layer_indices, merge_split_layers, read_without_running_code)
 
 FORMAT_NAME = "waveglow-pytorch"
 FORMAT_VERSION = 1
 TEMP_SUFFIX = ".tmp"  # save_checkpoint writes ".<name>.<random>.tmp" first, then renames it to <name>
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read, written or used; the message names the file and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,198 +102,7 @@ def _fsync_folder(folder):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading without running code
-
-class _PickledObject:
-    """Stands in for a pickled class (glow.WaveGlow, nn.Conv1d, the WeightNorm hook, ...).
-
-    Unpickling calls __new__ and __setstate__ only; here they keep the attribute dict and run nothing,
-    so a module's _parameters / _buffers / _modules can be walked like plain data.
-    """
-    pickled_name = "?"
-    state = None
-
-    def __init__(self, *args, **kwargs):  # reached only if a pickle calls the class; do nothing
-        pass
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) form
-            state = state[0]
-        self.state = state if isinstance(state, dict) else {}
-
-
-# Classes upstream checkpoints pickle. Others under these prefixes get a placeholder too: a placeholder
-# never runs the real class, so the prefix only decides which names may appear, not what code runs.
-_KNOWN_PICKLED_CLASSES = [
-    "glow.WaveGlow", "glow.WN", "glow.Invertible1x1Conv",
-    "glow_old.WaveGlow", "glow_old.WN", "glow_old.Invertible1x1Conv",
-    "torch.nn.modules.conv.Conv1d", "torch.nn.modules.conv.ConvTranspose1d",
-    "torch.nn.modules.conv.Conv2d", "torch.nn.modules.conv.ConvTranspose2d",
-    "torch.nn.modules.container.ModuleList", "torch.nn.modules.container.Sequential",
-    "torch.nn.utils.weight_norm.WeightNorm",
-]
-_PLACEHOLDER_PREFIXES = ("glow.", "glow_old.", "torch.nn.modules.", "torch.nn.parallel.", "torch.nn.utils.weight_norm.")
-_PLACEHOLDER_MAIN = {"__main__.WaveGlow", "__main__.WN", "__main__.Invertible1x1Conv"}
-
-
-def _may_be_placeholder(full_name):
-    return full_name.startswith(_PLACEHOLDER_PREFIXES) or full_name in _PLACEHOLDER_MAIN
-
-
-def _placeholder(full_name):
-    return type(full_name.rsplit(".", 1)[1], (_PickledObject,), {"pickled_name": full_name})
-
-
-def _unsupported_global(error):
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else None
-
-
-def _short_reason(error):
-    text = str(error)
-    found = re.search(r"WeightsUnpickler error: (.*)", text)
-    return (found.group(1) if found else text.strip().splitlines()[0] if text.strip() else repr(error)).strip()
-
-
-def _read(path):
-    """The raw object stored in `path`, loaded on the CPU without executing anything from the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save?")
-    placeholders = {name: _placeholder(name) for name in _KNOWN_PICKLED_CLASSES}
-    for _ in range(64):  # each round may discover one more module class name
-        try:
-            safe = [(cls, name) for name, cls in placeholders.items()]
-            with warnings.catch_warnings(), torch.serialization.safe_globals(safe):
-                warnings.simplefilter("ignore")
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            name = _unsupported_global(error)
-            if name is not None and _may_be_placeholder(name) and name not in placeholders:
-                placeholders[name] = _placeholder(name)
-                continue
-            if name is not None:
-                raise CheckpointError(f"refusing to load {path}: it needs the Python global {name}, which is "
-                                      f"not tensor data or a WaveGlow/torch.nn module, so loading it could run "
-                                      f"code from the file. If you trust where it came from, load it with "
-                                      f"torch.load(weights_only=False) yourself and save its state_dict()") from None
-            if "Only persistent_load of storage" in str(error):
-                # torch's weights_only reader refuses the pre-1.6 (legacy) format whenever it contains
-                # pickled modules, which every published upstream checkpoint does
-                return _read_legacy_modules(path, placeholders)
-            raise CheckpointError(f"cannot read checkpoint {path}: {_short_reason(error)}") from None
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
-                                  f"PyTorch checkpoint ({_short_reason(error)}); copy or download it again") from None
-    raise CheckpointError(f"cannot read checkpoint {path}: too many distinct module classes in it")
-
-
-# Globals a plain tensor checkpoint needs (the same set torch's weights_only reader allows for them).
-def _restricted_globals():
-    allowed = {"collections.OrderedDict": OrderedDict, "builtins.set": set, "builtins.frozenset": frozenset,
-               "torch.Size": torch.Size, "torch.device": torch.device,
-               "torch.nn.parameter.Parameter": torch.nn.Parameter}
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
-        allowed[f"torch._utils.{name}"] = getattr(torch._utils, name)
-    for name in dir(torch):
-        if isinstance(getattr(torch, name, None), torch.dtype):
-            allowed[f"torch.{name}"] = getattr(torch, name)
-    return allowed
-
-
-def _read_legacy_modules(path, placeholders):
-    """Read a legacy-format file holding pickled modules with a restricted unpickler.
-
-    torch's legacy reader does the storage bookkeeping; every global the pickle names passes through
-    find_class below, which returns tensor rebuilders, containers and placeholders, and refuses the rest.
-    """
-    allowed = _restricted_globals()
-
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            import _compat_pickle  # map Python 2 names (torch.save uses protocol 2) as pickle itself does
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            full_name = f"{module}.{name}"
-            if full_name in allowed:
-                return allowed[full_name]
-            if _may_be_placeholder(full_name):
-                return placeholders.setdefault(full_name, _placeholder(full_name))
-            raise CheckpointError(f"refusing to load {path}: it needs the Python global {full_name}, which "
-                                  f"is not tensor data or a WaveGlow/torch.nn module")
-
-    class RestrictedPickle:  # the two names torch.load uses from a pickle module
-        Unpickler = RestrictedUnpickler
-
-        @staticmethod
-        def load(file, **kwargs):
-            return RestrictedUnpickler(file, **kwargs).load()
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "couldn't retrieve source code for container" notes
-            # weights_only=False only hands the reading to RestrictedPickle; it runs nothing itself
-            return torch.load(path, map_location="cpu", pickle_module=RestrictedPickle, weights_only=False)
-    except CheckpointError:
-        raise
-    except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
-                              f"PyTorch checkpoint ({_short_reason(error)})") from None
-
-
-def _module_state_dict(module, prefix=""):
-    """Tensors of a placeholder module tree by dotted name, as nn.Module.state_dict() would name them."""
-    state = module.state or {}
-    tensors = OrderedDict()
-    skip = set(state.get("_non_persistent_buffers_set") or ())
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if isinstance(value, torch.Tensor) and name not in skip:
-                tensors[prefix + name] = value.detach()
-    for name, child in (state.get("_modules") or {}).items():
-        if isinstance(child, _PickledObject):
-            tensors.update(_module_state_dict(child, f"{prefix}{name}."))
-    return tensors
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Normalising a state dict to glow.py's names
-
-def _weight(state_dict, prefix):
-    """The effective conv weight of the layer at `prefix` (weight norm folded)."""
-    if prefix + "weight" in state_dict:
-        return state_dict[prefix + "weight"]
-    g, v = state_dict[prefix + "weight_g"], state_dict[prefix + "weight_v"]
-    return v * (g / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True))
-
-
-def _concat_layers(state_dict, prefixes, new_prefix):
-    """Stack conv layers along the output channels into one layer.
-
-    Weight norm is per output channel, so stacking g and v row-wise is exact; layers stored in mixed
-    forms are folded to plain weights first.
-    """
-    if all(p + "weight_g" in state_dict and p + "weight_v" in state_dict for p in prefixes):
-        names = ["weight_g", "weight_v"]
-    else:
-        for p in prefixes:
-            state_dict[p + "weight"] = _weight(state_dict, p)
-        names = ["weight"]
-    if all(p + "bias" in state_dict for p in prefixes):
-        names.append("bias")
-    for name in names:
-        state_dict[new_prefix + name] = torch.cat([state_dict[p + name] for p in prefixes], 0)
-    for p in prefixes:
-        for key in [k for k in state_dict if k.startswith(p)]:
-            del state_dict[key]
-
-
-def _layer_indices(state_dict, flow_prefix, group):
-    pattern = re.compile(re.escape(f"{flow_prefix}{group}.") + r"(\d+)\.")
-    return sorted({int(m.group(1)) for m in map(pattern.match, state_dict) if m})
-
+# Reading: normalising a state dict to glow.py's names
 
 def normalise_state_dict(state_dict):
     """Any flavour's WaveGlow state dict -> glow.py's names and shapes (a new dict)."""
@@ -312,36 +110,14 @@ def normalise_state_dict(state_dict):
     for key, value in state_dict.items():
         # DDP ('module.') and torch.compile ('_orig_mod.') wrappers add a name segment anywhere
         key = ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))
-        if isinstance(value, torch.Tensor) and value.dim() == 4:  # the Ascend port's Conv2d weights
-            if value.size(-1) == 1:
-                value = value.squeeze(-1)
-            elif value.size(-2) == 1:
-                value = value.squeeze(-2)
-        out[key] = value
-    flows = sorted({int(m.group(1)) for m in (re.match(r"WN\.(\d+)\.", k) for k in out) if m})
-    for k in flows:
-        flow = f"WN.{k}."
-        cond = _layer_indices(out, flow, "cond_layers")
-        if cond:  # per-layer conditioning (older upstream, DeepLearningExamples) -> one shared cond_layer
-            _concat_layers(out, [f"{flow}cond_layers.{i}." for i in cond], f"{flow}cond_layer.")
-        skips = _layer_indices(out, flow, "skip_layers")
-        if skips:  # older upstream: separate residual and skip 1x1 convs -> res_skip_layers
-            res = set(_layer_indices(out, flow, "res_layers"))
-            for i in skips:
-                residual = [f"{flow}res_layers.{i}."] if i < len(skips) - 1 and i in res else []
-                _concat_layers(out, residual + [f"{flow}skip_layers.{i}."], f"{flow}res_skip_layers.{i}.")
-            for key in [key for key in out if key.startswith(f"{flow}res_layers.")]:
-                del out[key]  # a residual conv after the last layer feeds nothing
+        out[key] = conv1d_weight(value)  # the Ascend port's Conv2d weights lose their dimension of 1
+    merge_split_layers(out)
     return out
 
 
 def _looks_like_waveglow(state_dict):
     return ("upsample.weight" in state_dict and "convinv.0.conv.weight" in state_dict
             and any(k.startswith("WN.0.") for k in state_dict))
-
-
-def _is_tensor_dict(value):
-    return isinstance(value, dict) and len(value) > 0 and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _describe(raw):
@@ -360,22 +136,19 @@ def load_checkpoint(path, map_location="cpu"):
     'source_config' / 'source_optimizer').
     """
     path = os.fspath(path)
-    raw = _read(path)
-    if isinstance(raw, _PickledObject):  # torch.save(model) alone
+    raw = read_without_running_code(path)
+    if is_pickled_module(raw):  # torch.save(model) alone
         raw = {"model": raw}
-    if _is_tensor_dict(raw):  # a state dict saved alone
+    if is_tensor_dict(raw):  # a state dict saved alone
         raw = {"model": raw}
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is not a WaveGlow checkpoint: it holds {_describe(raw)}")
-    if raw.get("format") == FORMAT_NAME and _is_tensor_dict(raw.get("model")):
+    marked_ours = raw.get("format") == FORMAT_NAME and is_tensor_dict(raw.get("model"))
+    foreign = None if marked_ours else foreign_state_dict(raw)
+    if foreign is not None:
+        flavour, state_dict = foreign
+    elif is_tensor_dict(raw.get("model")):  # ours, or a plain state dict in glow.py's shapes
         flavour, state_dict = FORMAT_NAME, raw["model"]
-    elif isinstance(raw.get("model"), _PickledObject):
-        flavour, state_dict = "nvidia-upstream", _module_state_dict(raw["model"])
-    elif _is_tensor_dict(raw.get("state_dict")):
-        flavour, state_dict = "nvidia-dle", raw["state_dict"]
-    elif _is_tensor_dict(raw.get("model")):
-        four_d = any(v.dim() == 4 for v in raw["model"].values())
-        flavour, state_dict = ("ascend" if four_d else FORMAT_NAME), raw["model"]
     else:
         raise CheckpointError(f"{path} is not a WaveGlow checkpoint of a known flavour (upstream NVIDIA, Ascend, "
                               f"DeepLearningExamples or this project's): found {_describe(raw)}")
@@ -409,7 +182,7 @@ def waveglow_config_from_state_dict(state_dict):
         channels = [state_dict[f"convinv.{k}.conv.weight"].shape[0] for k in range(n_flows)]
         start = state_dict.get("WN.0.start.weight_v", state_dict.get("WN.0.start.weight"))
         in_layer = state_dict.get("WN.0.in_layers.0.weight_v", state_dict.get("WN.0.in_layers.0.weight"))
-        n_layers = len(_layer_indices(state_dict, "WN.0.", "in_layers"))
+        n_layers = len(layer_indices(state_dict, "WN.0.", "in_layers"))
         n_channels, kernel_size = start.shape[0], in_layer.shape[2]
     except (KeyError, AttributeError, IndexError, TypeError) as error:
         raise ValueError(f"cannot infer the WaveGlow architecture from these weights (missing {error})") from None
