@@ -1,13 +1,13 @@
 #!/bin/bash
 # The built-in demo, on the CPU in a few minutes, with nothing to download:
-#   1. make a small speech-like corpus (make_demo_corpus.py, LJ-Speech layout, 40 clips of 2 s),
-#   2. train the small WaveGlow of config_demo.json on it through the real launcher, test/train_full_8p.sh,
-#      with two CPU processes (DistributedDataParallel over gloo) in mixed precision (config_demo.json sets
+#   1. make a small speech-like corpus (demo/make_demo_corpus.py, LJ-Speech layout, 40 clips of 2 s),
+#   2. train the small WaveGlow of demo/config_demo.json on it through the real launcher, test/train_full_8p.sh,
+#      with two CPU processes (DistributedDataParallel over gloo) in mixed precision (the config sets
 #      fp16_run, which is bfloat16 on CPUs: about 1.4x the float32 speed for this model),
 #   3. evaluate the last checkpoint on the 10 held-out clips with test/train_eval_8p.sh (validation NLL,
 #      copy synthesis of each clip, mel comparison plots),
 #   4. draw the loss curve and original-versus-synthesis spectrograms, and compare loudness envelopes and
-#      pitch of original and synthesis (plot_demo.py).
+#      pitch of original and synthesis (demo/plot_demo.py).
 # Everything lands in ./demo_output/. Environment knobs: DEMO_STEPS (training iterations, default 600),
 # DEMO_PROCESSES (default 2), DEMO_DEVICE (default cpu; auto picks GPUs or NPUs when there are some),
 # DEMO_SOURCE (synthetic; espeak or auto speak the corpus with espeak-ng when it is installed).
@@ -28,10 +28,11 @@ rm -rf "$out/checkpoints" "$out/logs" "$out/eval" "$out/corpus"
 started=$(date +%s)
 
 echo "== 1/4 corpus: 40 speech-like clips of 2 s in $out/corpus"
-"$python" make_demo_corpus.py -o "$out/corpus" --n_clips 40 --seconds 2.0 --seed 0 --source "${DEMO_SOURCE:-synthetic}"
+"$python" demo/make_demo_corpus.py -o "$out/corpus" --n_clips 40 --seconds 2.0 --seed 0 \
+    --source "${DEMO_SOURCE:-synthetic}"
 
-echo "== 2/4 training config_demo.json for $steps iterations, $processes processes on $device"
-TEST_OUTPUT_DIR="$out/logs" bash test/train_full_8p.sh --data_path="$out/corpus" --c=config_demo.json \
+echo "== 2/4 training demo/config_demo.json for $steps iterations, $processes processes on $device"
+TEST_OUTPUT_DIR="$out/logs" bash test/train_full_8p.sh --data_path="$out/corpus" --c=demo/config_demo.json \
     --output_directory="$out/checkpoints" --device="$device" --nproc="$processes" --batch-size=4 \
     --learning_rate=2e-3 --epochs=100000 --step_stop="$steps" --iters_per_checkpoint=200 --workers=0
 
@@ -41,7 +42,7 @@ TEST_OUTPUT_DIR="$out/logs" bash test/train_eval_8p.sh --data_path="$out/corpus"
     --sigma="$synthesis_sigma"
 
 echo "== 4/4 pictures, loudness and pitch checks"
-"$python" plot_demo.py --log "$out/logs/0/train_0.log" --eval_dir "$out/eval" -o "$out"
+"$python" demo/plot_demo.py --log "$out/logs/0/train_0.log" --eval_dir "$out/eval" -o "$out"
 
 echo
 echo "Done in $(( $(date +%s) - started )) s. Listen to $out/eval/*_synthesis.wav next to $out/corpus/wavs/,"

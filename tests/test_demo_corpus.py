@@ -8,7 +8,9 @@ import pytest
 import soundfile as sf
 
 from conftest import REPO
-import make_demo_corpus as demo
+
+sys.path.insert(0, str(REPO / "demo"))  # the demo's scripts import each other from their own folder
+import make_demo_corpus as demo  # noqa: E402
 
 SR = demo.SAMPLING_RATE
 
@@ -25,7 +27,7 @@ def test_layout_format_and_determinism(tmp_path):
     other = demo.make_corpus(tmp_path / "c", n_clips=3, seconds=1.0, seed=8, source="synthetic")
     assert [p.name for p in first] == ["DEMO001-0001.wav", "DEMO001-0002.wav", "DEMO001-0003.wav"]
     assert all(p.parent == tmp_path / "a" / "wavs" for p in first)
-    for a, b, c in zip(first, again, other):
+    for a, b, c in zip(first, again, other, strict=True):
         assert a.read_bytes() == b.read_bytes()
         assert a.read_bytes() != c.read_bytes()
     rows = (tmp_path / "a" / "metadata.csv").read_text().splitlines()
@@ -74,7 +76,7 @@ def test_pitch_moves_and_fricatives_are_high_frequency():
 
 
 def test_cli_writes_corpus_and_refuses_missing_espeak(tmp_path):
-    cli = [sys.executable, str(REPO / "make_demo_corpus.py")]
+    cli = [sys.executable, str(REPO / "demo" / "make_demo_corpus.py")]
     done = subprocess.run(cli + ["-o", str(tmp_path / "c"), "--n_clips", "2", "--seconds", "0.5",
                                  "--source", "synthetic"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

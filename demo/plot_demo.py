@@ -1,7 +1,7 @@
 """Pictures and a pitch check for the demo: the training loss curve from a launcher log, and original
 versus WaveGlow copy synthesis spectrograms from an evaluation folder (inference.py --eval_list).
 
-    python plot_demo.py --log demo_output/logs/0/train_0.log --eval_dir demo_output/eval -o demo_output
+    python demo/plot_demo.py --log demo_output/logs/0/train_0.log --eval_dir demo_output/eval -o demo_output
 
 Writes OUT/loss_curve.png and OUT/spectrograms.png, and prints two checks of the synthesis against the
 original: the correlation of their loudness envelopes (speech and pauses in the right places), and how
@@ -68,7 +68,8 @@ def pitch_agreement(original, synthesis):
     reference, rms = pitch_track(original)
     output, _ = pitch_track(synthesis[:len(original)])
     loud = 0.1 * max(rms)
-    voiced = [(f_ref, f_out) for (f_ref, strength), (f_out, _), level in zip(reference, output, rms)
+    # a synthesis shorter than the original has fewer frames: compare the frames both have
+    voiced = [(f_ref, f_out) for (f_ref, strength), (f_out, _), level in zip(reference, output, rms, strict=False)
               if strength > 0.6 and level > loud]
     return len(voiced), sum(abs(f_out - f_ref) < 0.05 * f_ref for f_ref, f_out in voiced)
 

@@ -1,7 +1,7 @@
 """Make a small speech-like corpus in LJ-Speech layout, so the demo and tests need no download.
 
-    python make_demo_corpus.py -o demo_output/corpus [--n_clips 40] [--seconds 2.0] [--seed 0]
-                               [--source auto|synthetic|espeak]
+    python demo/make_demo_corpus.py -o demo_output/corpus [--n_clips 40] [--seconds 2.0] [--seed 0]
+                                    [--source auto|synthetic|espeak]
 
 'synthetic' builds each clip with a source-filter model: a glottal pulse train whose pitch glides and
 wobbles (vibrato) goes through four formant resonators that move between vowel targets; fricative-like
@@ -59,7 +59,7 @@ def resonator_coefficients(frequency, bandwidth):
 def formant_filter(signal, formant_tracks):
     """Cascade of time-varying two-pole resonators, one per formant track (Hz per sample)."""
     out = signal
-    for track, bandwidth in zip(formant_tracks, FORMANT_BANDWIDTHS):
+    for track, bandwidth in zip(formant_tracks, FORMANT_BANDWIDTHS, strict=True):
         filtered = np.empty_like(out)
         state = np.zeros(2)
         for start in range(0, len(out), BLOCK):
@@ -108,7 +108,7 @@ def synthetic_clip(seconds, rng):
         f0 = np.clip(f0, F0_RANGE[0] + 5, F0_RANGE[1] - 5)
         blend = 0.5 - 0.5 * np.cos(np.pi * np.linspace(0, 1, length))  # diphthong: one vowel into the next
         tracks = [(1 - blend) * f_start + blend * f_end
-                  for f_start, f_end in zip(VOWELS[start_vowel], VOWELS[end_vowel])]
+                  for f_start, f_end in zip(VOWELS[start_vowel], VOWELS[end_vowel], strict=True)]
         voiced = formant_filter(glottal_source(f0, rng), tracks)
         voiced *= envelope(length, int(0.03 * SAMPLING_RATE), int(0.05 * SAMPLING_RATE))
         audio[position:position + length] += rng.uniform(0.5, 1.0) * voiced / np.max(np.abs(voiced))
