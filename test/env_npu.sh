@@ -9,9 +9,12 @@ if [ -f "$cann_info" ]; then
 else
     cann_path=/usr/local/Ascend
 fi
+# (shellcheck cannot follow them: CANN installs them on the host.)
 if [ -f "$cann_path/ascend-toolkit/set_env.sh" ]; then
+    # shellcheck source=/dev/null
     source "$cann_path/ascend-toolkit/set_env.sh"
 elif [ -f "$cann_path/nnae/set_env.sh" ]; then
+    # shellcheck source=/dev/null
     source "$cann_path/nnae/set_env.sh"
 else
     echo "[Warning] no CANN set_env.sh under $cann_path (ascend-toolkit or nnae): torch_npu may not find CANN" >&2
@@ -25,5 +28,6 @@ export ASCEND_GLOBAL_EVENT_ENABLE=0
 export TASK_QUEUE_ENABLE=1
 # Collective communication between the cards of this host.
 export HCCL_WHITELIST_DISABLE=1
-export HCCL_IF_IP=$(hostname -I 2>/dev/null | awk '{print $1}')
+HCCL_IF_IP=$(hostname -I 2>/dev/null | awk '{print $1}')
+export HCCL_IF_IP
 export HCCL_CONNECT_TIMEOUT=1200
