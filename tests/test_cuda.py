@@ -41,8 +41,8 @@ def test_forward_and_reverse_on_the_gpu_match_the_cpu(tiny_waveglow_config):
     z_gpu, log_s_gpu, log_det_gpu = gpu((mel.cuda(), audio.cuda()))
     # cuDNN may run float32 convolutions in TF32 (torch's default), hence 1e-3 rather than float32's 1e-6.
     assert relative_error(z_gpu, z) < 1e-3
-    assert all(relative_error(a, b) < 1e-3 for a, b in zip(log_s_gpu, log_s))
-    assert all(abs(a.item() - b.item()) < 1e-3 for a, b in zip(log_det_gpu, log_det))
+    assert all(relative_error(a, b) < 1e-3 for a, b in zip(log_s_gpu, log_s, strict=True))
+    assert all(abs(a.item() - b.item()) < 1e-3 for a, b in zip(log_det_gpu, log_det, strict=True))
     # The inverse on the GPU recovers the audio from its own z.
     assert (gpu.reverse(mel.cuda(), z_gpu).cpu() - audio).abs().max() < 1e-4
     folded = remove_weightnorm(copy.deepcopy(gpu))

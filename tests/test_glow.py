@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from bench import BaselineWaveGlow
+import glow_fast
+from baseline import BaselineWaveGlow
 from conftest import REPO, TINY_WAVEGLOW, perturb_end_layers
 from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
 
@@ -27,7 +28,7 @@ def batch(n_samples=2048, batch_size=2, seed=1):
 
 
 def test_matches_plain_restatement_of_upstream_math():
-    """bench.py's baseline restates upstream's forward pass the plain way (torch's own weight norm,
+    """baseline.py restates upstream's forward pass the plain way (torch's own weight norm,
     reshapes instead of unfold); the same upstream-named state dict must give the same numbers."""
     model = make_model()
     reference = BaselineWaveGlow(**TINY_WAVEGLOW)
@@ -65,7 +66,7 @@ def test_log_det_W_equals_slogdet():
     mel, audio = batch()
     _, _, log_det_list = model((mel, audio))
     n_of_groups = audio.size(1) // model.n_group
-    for inv, log_det in zip(model.convinv, log_det_list):
+    for inv, log_det in zip(model.convinv, log_det_list, strict=True):
         sign, logabsdet = torch.linalg.slogdet(inv.conv.weight.squeeze(2).double())
         assert sign > 0
         torch.testing.assert_close(log_det.double(), audio.size(0) * n_of_groups * logabsdet, rtol=1e-5, atol=1e-4)
@@ -113,8 +114,8 @@ def test_loss_does_not_mutate_its_inputs():
     WaveGlowLoss()(output)
     assert (len(log_s_list), len(log_det_list)) == lengths
     assert torch.equal(z, copies[0])
-    assert all(torch.equal(a, b) for a, b in zip(log_s_list, copies[1]))
-    assert all(torch.equal(a, b) for a, b in zip(log_det_list, copies[2]))
+    assert all(torch.equal(a, b) for a, b in zip(log_s_list, copies[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(log_det_list, copies[2], strict=True))
 
 
 def test_tiny_model_overfits_one_clip():
@@ -258,19 +259,18 @@ def test_cpu_bfloat16_matmul_convolution_matches_conv1d(kernel_size, dilation, b
     """The bf16 CPU layers run as matrix products with a hand-written backward: check both directions, also with
     a dilation past the sequence's length (the outer taps see only zero padding)."""
     import torch.nn.functional as F
-    from glow import _conv1d_as_matmul
     padding = (kernel_size * dilation - dilation) // 2
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 16, 40, generator=generator, requires_grad=True)
     weight = torch.randn(24, 16, kernel_size, generator=generator, requires_grad=True)
     bias = torch.randn(24, generator=generator, requires_grad=True)
     grad_out = torch.randn(batch_size, 24, 40, generator=generator)
-    y = _conv1d_as_matmul(x, weight, bias, padding, dilation)
+    y = glow_fast._conv1d_as_matmul(x, weight, bias, padding, dilation)
     grads = torch.autograd.grad(y, (x, weight, bias), grad_out)
     y_ref = F.conv1d(x, weight, bias, padding=padding, dilation=dilation)
     grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_out)
     assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
-    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+    for got, want in zip((y, *grads), (y_ref, *grads_ref), strict=True):
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
@@ -283,7 +283,7 @@ def test_bfloat16_training_gradients_match_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = WaveGlowLoss()(model((mel, audio)))
     loss.backward()
-    for (name, p), g32 in zip(model.named_parameters(), grads32):
+    for (name, p), g32 in zip(model.named_parameters(), grads32, strict=True):
         error = ((p.grad - g32).norm() / g32.norm()).item()
         assert error < 0.1, f"{name}: bf16 gradient off by {error:.3f}"
 
@@ -306,7 +306,7 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
     model.load_state_dict(other)
     reloaded = bf16_infer()
     assert torch.equal(first, again)
-    for before, after in zip([first] + changed, changed + [reloaded]):
+    for before, after in zip([first] + changed, changed + [reloaded], strict=True):
         assert not torch.equal(before, after)
     fresh = remove_weightnorm(make_model(seed=9)).eval()
     fresh.load_state_dict(other)  # the same weights by the same route, never cached before
@@ -314,9 +314,9 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
         torch.testing.assert_close(reloaded, fresh.infer(mel, sigma=0.5, seed=1))
     assert not any("bfloat16" in name or "cache" in name for name in model.state_dict())
     # float32 and bfloat16 inference keep a cache each: alternating them must not rebuild either
-    bf16_matrices = model.WN[0]._inference_matrices(torch.bfloat16)
+    bf16_matrices = glow_fast._wn_inference_matrices(model.WN[0], torch.bfloat16)
     model.infer(mel, sigma=0.5, seed=1)
-    assert model.WN[0]._inference_matrices(torch.bfloat16) is bf16_matrices
+    assert glow_fast._wn_inference_matrices(model.WN[0], torch.bfloat16) is bf16_matrices
 
 
 def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
@@ -324,15 +324,14 @@ def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
     as one product, the gate through sigmoids alone, the end layer folded into the skip matrices, biases moved,
     products accumulating into the residual stream and the output as views of one tensor): it must compute what
     the layer-by-layer forward does, for a batch, without touching its inputs."""
-    from glow import WN
     model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):  # zero-initialised or small in a fresh model; make every fold count
                 parameter.normal_(0, 0.3)
     calls = []
-    in_place = WN._folded_inference_in_place
-    monkeypatch.setattr(WN, "_folded_inference_in_place", lambda self, *args: calls.append(1) or in_place(self, *args))
+    in_place = glow_fast.folded_wn_inference
+    monkeypatch.setattr(glow_fast, "folded_wn_inference", lambda *args: calls.append(1) or in_place(*args))
     generator = torch.Generator().manual_seed(2)
     audio, spect = torch.randn(3, 4, 50, generator=generator), torch.randn(3, 640, 50, generator=generator)
     inputs = (audio.clone(), spect.clone())
@@ -370,6 +369,6 @@ def test_compiled_coupling_networks_compute_the_same_flow():
     assert torch.allclose(z_compiled, z, atol=1e-5) and torch.allclose(log_s_compiled[-1], log_s[-1], atol=1e-5)
     (z_compiled.square().sum() - sum(s.sum() for s in log_s_compiled)).backward()
     (z.square().sum() - sum(s.sum() for s in log_s)).backward()
-    for (name, p), p_compiled in zip(model.named_parameters(), compiled.parameters()):
+    for (name, p), p_compiled in zip(model.named_parameters(), compiled.parameters(), strict=True):
         assert torch.allclose(p_compiled.grad, p.grad, rtol=1e-4, atol=1e-5), name
     assert (compiled.reverse(mel, z_compiled) - audio).abs().max() < 1e-5

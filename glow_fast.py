@@ -1,0 +1,277 @@
+"""The measured fast paths behind glow.py's layers: the same math, arranged for the hardware.
+
+glow.py's layers reach them through one hook each: WeightNormConv1d through conv1d(), WN's folded inference
+through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(), and
+Invertible1x1Conv's inverse (and every cached inference weight) through cached_per_dtype(). The layers come
+in as arguments and are read by their attributes only, so this module never imports glow.py.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def conv1d(x, weight, bias, padding, dilation, folded_layer=None):
+    """F.conv1d(x, weight, bias, padding=padding, dilation=dilation), or the same as matrix products where those
+    were measured faster (_matmul_dtype). folded_layer: the layer owning these weights, when they are folded;
+    inference outside torch.compile then keeps their low-precision tap-major copy on it (_cached_matrix)."""
+    dtype = _matmul_dtype(x)
+    if dtype is None:
+        return F.conv1d(x, weight, bias, padding=padding, dilation=dilation)
+    if folded_layer is not None and _inference_outside_compile():
+        matrix, bias = _cached_matrix(folded_layer, weight, bias, dtype)
+        return _matmul_conv(x.to(dtype), matrix, bias, weight.size(2), padding, dilation)
+    return _conv1d_as_matmul(x, weight, bias, padding, dilation, dtype)
+
+
+def cached_per_dtype(owner, dtype, tensors, build):
+    """build()'s result for `dtype`, kept on `owner` until any of `tensors` changes (in-place steps,
+    load_state_dict, .to() all change a version, a storage or a device). One entry per dtype: a program that
+    alternates float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
+    key = tuple((tensor._version, tensor.data_ptr(), tensor.device) for tensor in tensors)
+    caches = owner.__dict__.setdefault("_inference_caches", {})
+    if dtype not in caches or caches[dtype][0] != key:
+        caches[dtype] = (key, build())
+    return caches[dtype][1]
+
+
+def _cached_matrix(layer, weight, bias, dtype):
+    """The folded weight as a tap-major (C_out, k*C_in) matrix and the bias, both in `dtype`: made once per
+    dtype and kept on the layer until the weights change, rather than cast at every call."""
+    return cached_per_dtype(layer, dtype, [weight, bias], lambda: (
+        _tap_major(weight.detach()).to(dtype).contiguous(), bias.detach().to(dtype)))
+
+
+def _tap_major(weight):
+    # Conv1d weight (C_out, C_in, k) -> (C_out, k*C_in), the column order of _im2col's taps
+    out_channels, in_channels, kernel_size = weight.shape
+    return weight.permute(0, 2, 1).reshape(out_channels, kernel_size * in_channels)
+
+
+def _matmul_dtype(x):
+    """The dtype in which a convolution on `x` runs as matrix products, or None for F.conv1d.
+
+    On CPUs with bfloat16 units, oneDNN's bf16 matmul runs WaveGlow's shapes 1.2-1.5x faster than its bf16
+    convolution (dilated and long-sequence cases most); float32 training keeps the convolution, as fast there
+    (float32 inference with folded weights takes folded_wn_inference, matrix products too).
+    On GPUs, compiled mixed-precision training: there torch.compile fuses the matrix form with its neighbours
+    far better than it can around cuDNN's convolution (1.3x the training throughput on an H100, and a
+    quarter of the memory). Eager GPU code and inference keep cuDNN, which is faster for them.
+    """
+    if x.device.type == "cuda":
+        compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
+        return torch.get_autocast_dtype("cuda") if compiled_training and torch.is_autocast_enabled("cuda") else None
+    if x.device.type != "cpu":
+        return None
+    autocast_bfloat16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 or autocast_bfloat16 else None
+
+
+def _inference_outside_compile():
+    """Inference outside torch.compile: where cached low-precision copies of folded weights pay (a compiled
+    graph hoists the casts itself)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _conv1d_as_matmul(x, weight, bias, padding, dilation, dtype=torch.bfloat16):
+    """Conv1d computed as matrix products over shifted copies of the input (im2col), in `dtype`.
+
+    Inputs are cast outside the autograd function, so autograd returns float32 gradients to float32
+    master weights.
+    """
+    return _MatmulConv1d.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), padding, dilation)
+
+
+def _im2col(x, kernel_size, padding, dilation, out=None):
+    """(B, C_in, T) -> (B, k*C_in, T), tap-major: tap i holds x shifted by i*dilation - padding, zeros past the
+    ends. Eagerly written tap by tap into one buffer (optionally a given one): a third of the memory passes of
+    pad-and-cat. Compiled code keeps pad-and-cat, which the compiler fuses into its neighbours instead."""
+    if kernel_size == 1 and out is None:
+        return x
+    batch, channels, length = x.shape
+    if out is None and torch.compiler.is_compiling():
+        x = F.pad(x, (padding, padding))
+        return torch.cat([x[:, :, i * dilation:i * dilation + length] for i in range(kernel_size)], 1)
+    if out is None:
+        out = x.new_empty(batch, kernel_size * channels, length)
+    for i, tap in enumerate(out.split(channels, dim=1)):
+        shift = i * dilation - padding  # tap[t] = x[t + shift]
+        start, end = max(0, -shift), min(length, length - shift)
+        if start >= end:
+            tap.zero_()
+            continue
+        tap[:, :, start:end].copy_(x[:, :, start + shift:end + shift])
+        tap[:, :, :start].zero_()
+        tap[:, :, end:].zero_()
+    return out
+
+
+def _matmul_conv(x, matrix, bias, kernel_size, padding, dilation):
+    """x (B, C_in, T), matrix (C_out, k*C_in) tap-major -> (B, C_out, T). bmm on the broadcast matrix yields this
+    layout directly; matmul would compute the transposed product and pay for a slow transposing copy."""
+    cols = _im2col(x, kernel_size, padding, dilation)  # (B, k*C_in, T)
+    return torch.bmm(matrix.expand(x.size(0), -1, -1), cols).add_(bias.unsqueeze(1))
+
+
+class _MatmulConv1d(torch.autograd.Function):
+    """Conv1d as im2col matrix products, with a backward of matrix products too that recomputes the shifted
+    copies of the input rather than keeping them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, dilation):
+        kernel_size = weight.size(2)
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (padding, dilation)
+        return _matmul_conv(x, _tap_major(weight), bias, kernel_size, padding, dilation)  # (B, C_out, T)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        padding, dilation = ctx.conv
+        out_channels, in_channels, kernel_size = weight.shape
+        batch, length = x.size(0), x.size(2)
+        grad_y = grad_y.contiguous()
+        matrix = _tap_major(weight)
+        cols = _im2col(x, kernel_size, padding, dilation)  # recomputed: cheaper than keeping k copies
+        # Sum over the batch by folding it into the matrix product's inner dimension.
+        grad_matrix = torch.matmul(grad_y.transpose(0, 1).reshape(out_channels, batch * length),
+                                   cols.transpose(0, 1).reshape(-1, batch * length).t())
+        grad_weight = grad_matrix.reshape(out_channels, kernel_size, in_channels).permute(0, 2, 1)
+        grad_cols = torch.bmm(matrix.t().expand(batch, -1, -1), grad_y)  # (B, k*C_in, T)
+        if kernel_size == 1:
+            grad_x = grad_cols
+        else:
+            grad_padded = grad_cols.new_zeros(batch, in_channels, length + 2 * padding)
+            for i, tap in enumerate(grad_cols.split(in_channels, dim=1)):
+                grad_padded[:, :, i * dilation:i * dilation + length] += tap
+            grad_x = grad_padded[:, :, padding:padding + length]
+        return grad_x, grad_weight, grad_y.sum((0, 2)), None, None
+
+
+def upsample(spect, layer):
+    """layer(spect) for the mel upsampler, an nn.ConvTranspose1d: (B, n_mel, F) -> (B, n_mel, s*F + k - s).
+
+    On CPUs as one matrix product and k/s shifted adds: oneDNN builds a new deconvolution kernel for every new
+    input shape, which takes seconds for the 1024-tap upsampler (ruinous for inference on mels of varying
+    length), and torch's fallback kernel is slow; a matmul has neither problem, in float32 or bfloat16.
+    """
+    if spect.device.type != "cpu":
+        return layer(spect)
+    weight, bias, stride = layer.weight, layer.bias, layer.stride[0]
+    batch, channels, n_frames = spect.shape  # (B, C_in, F)
+    _, out_channels, kernel_size = weight.shape
+    overlap = kernel_size // stride
+    cols = torch.matmul(spect.transpose(1, 2), weight.reshape(channels, -1))  # (B, F, C_out*k)
+    cols = cols.view(batch, n_frames, out_channels, overlap, stride)
+    out = cols.new_zeros(batch, out_channels, n_frames + overlap - 1, stride)
+    for q in range(overlap):  # frame f's q-th block of s samples lands in output block f + q
+        out[:, :, q:q + n_frames] += cols[:, :, :, q].permute(0, 2, 1, 3)
+    return out.view(batch, out_channels, -1) + bias.unsqueeze(1).to(out.dtype)  # (B, C_out, s*F + k - s)
+
+
+def uses_folded_wn_inference(wn, spect):
+    """Whether WN `wn` runs folded_wn_inference for this mel: folded weights, inference on a CPU, not compiled."""
+    return spect.device.type == "cpu" and wn.start.folded and _inference_outside_compile()
+
+
+def folded_wn_inference(wn, audio, spect):
+    """WN.forward((audio, spect)) of a folded WN for inference on a CPU as matrix products (bfloat16 under
+    autocast, else the mel's own dtype: in float32 at least the convolutions' speed), with fewer memory passes
+    and multiply-adds than layer by layer; the same math, rearranged:
+    - each layer's conditioning and dilated convolution are one matrix product over the mel and the layer's
+      taps stacked in one buffer ([cond_i | in_i] @ [spect; taps]), their biases summed;
+    - the gate takes one sigmoid pass over both halves, as tanh(a) sigmoid(b) = (2 sigmoid(2a) - 1) sigmoid(b):
+      the 2a comes from doubled rows of that matrix, and the res_skip matrix, negated, takes
+      sigmoid(b) - 2 sigmoid(2a) sigmoid(b), one addcmul (a tanh pass costs three sigmoid passes on CPUs; the
+      bf16 sigmoid near 1/2 is a little coarser than a bf16 tanh near 0, and the audio stays ~70 dB SNR
+      against float32);
+    - the skip sum only ever feeds the end layer, so the end layer is folded into each layer's skip matrix
+      (end @ skip_i: n_out rows instead of C), and each layer's product accumulates in place (baddbmm_) into
+      the residual stream and the output at once: 7 % fewer multiply-adds for config.json's model;
+    - every bias rides in its matrix as a last column, against a row of ones kept at the end of the buffer the
+      matrix multiplies, so no bias takes a pass of its own.
+    In bfloat16 on CPUs this leaves about a tenth of the time outside the matrix products, which run near the
+    machine's peak."""
+    dtype = _matmul_dtype(spect) or spect.dtype
+    C, batch, length = wn.n_channels, audio.size(0), audio.size(2)
+    layers = _wn_inference_matrices(wn, dtype)
+    audio = wn.start(audio.to(dtype))
+    n_out = layers[-1][1].size(0)
+    state = torch.cat([audio, audio.new_zeros(batch, n_out, length)], 1)  # (B, C + n_out, T/g)
+    audio, output = state.split([C, n_out], dim=1)  # views: the residual stream, the WN's output
+    n_cond = spect.size(1)
+    kernel_size = wn.in_layers[0].kernel_size
+    # One buffer each, reused by every layer; each ends in the row of ones that meets the matrices' bias column.
+    inputs = audio.new_empty(batch, n_cond + kernel_size * C + 1, length)  # (B, n_mel*g + k*C + 1, T/g)
+    inputs[:, :n_cond] = spect
+    inputs[:, -1] = 1
+    taps = inputs[:, n_cond:-1]
+    in_act = audio.new_empty(batch, 2 * C, length)  # (B, 2C, T/g): (2a, b)
+    acts_and_one = audio.new_empty(batch, C + 1, length)
+    acts_and_one[:, C] = 1
+    negated_acts = acts_and_one[:, :C]  # (B, C, T/g)
+    for in_layer, (input_matrix, output_matrix) in zip(wn.in_layers, layers, strict=True):
+        _im2col(audio, kernel_size, in_layer.padding, in_layer.dilation, out=taps)
+        torch.bmm(input_matrix.expand(batch, -1, -1), inputs, out=in_act)
+        tanh_gate, sigmoid_gate = torch.sigmoid_(in_act).split(C, dim=1)
+        torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)
+        # the last layer has only a skip output
+        target = state if output_matrix.size(0) > n_out else output
+        target.baddbmm_(output_matrix.expand(batch, -1, -1), acts_and_one)
+    return output  # (B, n_out, T/g)
+
+
+def _wn_inference_matrices(wn, dtype):
+    """For folded_wn_inference, in `dtype`, per layer: the input matrix [cond_layer's rows for it |
+    in_layer's tap-major matrix | their summed bias] (2C, n_mel*g + k*C + 1), tanh half doubled; the output
+    matrix [negated residual rows; negated end @ skip rows | biases] (C + n_out, C + 1), only the skip rows for
+    the last layer, whose bias column also carries the end layer's bias. Folded in float32, made once and kept
+    on the WN until any of these weights changes (in float32 a second copy of the WN weights: 0.3 GB for
+    config.json's model). Never saved."""
+    layers = [wn.cond_layer, *wn.in_layers, *wn.res_skip_layers, wn.end]
+    tensors = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+    return cached_per_dtype(wn, dtype, tensors, lambda: _fold_wn_inference_matrices(wn, dtype))
+
+
+@torch.no_grad()
+def _fold_wn_inference_matrices(wn, dtype):
+    """_wn_inference_matrices' matrices, built from the WN's folded weights."""
+    C = wn.n_channels
+    tanh_rows_doubled = torch.cat([torch.full((C, 1), 2.0), torch.ones(C, 1)]).to(wn.cond_layer.weight.device)
+    end_matrix = wn.end.weight.squeeze(2).float()  # (n_out, C)
+    layers = []
+    for cond_weight, cond_bias, in_layer, res_skip_layer in zip(
+            wn.cond_layer.weight.squeeze(2).split(2 * C), wn.cond_layer.bias.split(2 * C),
+            wn.in_layers, wn.res_skip_layers, strict=True):
+        input_bias = cond_bias.float() + in_layer.bias.float()
+        input_matrix = torch.cat([cond_weight.float(), _tap_major(in_layer.weight).float(), input_bias[:, None]], 1)
+        weight, bias = res_skip_layer.weight.squeeze(2).float(), res_skip_layer.bias.float()
+        weight = torch.cat([weight[:-C], end_matrix @ weight[-C:]])  # the skip rows through the end layer
+        bias = torch.cat([bias[:-C], end_matrix @ bias[-C:]])
+        if res_skip_layer is wn.res_skip_layers[-1]:  # skip rows only; the end layer's bias rides here
+            bias = bias + wn.end.bias.float()
+        output_matrix = torch.cat([-weight, bias[:, None]], 1)  # (C + n_out or n_out, C + 1)
+        layers.append(((input_matrix * tanh_rows_doubled).to(dtype).contiguous(),
+                       output_matrix.to(dtype).contiguous()))
+    return layers
+
+
+def compile_coupling_networks(model, weights_dtype=None, **options):
+    """torch.compile every flow's WN in place (state-dict names unchanged); returns the model.
+
+    Nearly all of WaveGlow's time is in the WNs; compiled, the gate, the bias and conditioning adds and the
+    residual and skip sums become a few fused kernels instead of a dozen memory passes per layer, which is
+    what pays on GPUs. The first call of each new input shape compiles (seconds to a minute), so it suits
+    training's fixed segments best. `options` go to torch.compile (e.g. mode, dynamic).
+
+    weights_dtype (inference under CPU bfloat16 autocast): store the WNs' weights in that dtype first. The
+    eager layers cache such copies, but a compiled graph cannot, and would cast all ~88 M weights at every
+    call. The model then runs only under that autocast.
+    """
+    # All WNs share one forward, and dynamo's limit of graphs per function (8 by default) counts them together:
+    # three widths of audio_0 (early outputs), training and inference, fixed then dynamic lengths, dtypes. Past
+    # the limit it would quietly run the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for wn in model.WN:
+        if weights_dtype is not None:
+            wn.to(weights_dtype)
+        wn.compile(**options)
+    return model
