@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baseline import BaselineWaveGlow
+from config import load_config
 from distributed import autocast_dtype, select_device
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
 from mel2samp import TacotronSTFT
@@ -218,8 +219,7 @@ def main():
     repeats = args.repeats or (10 if gpu else 3)
     if args.quick:
         batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5]
-    with open(args.config) as f:
-        config = json.load(f)
+    config = load_config(args.config)  # merged with the defaults, so a config may leave model keys out
     waveglow_config = config["waveglow_config"]
     sampling_rate = config["data_config"]["sampling_rate"]
 

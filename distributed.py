@@ -1,7 +1,9 @@
 """Device, precision and process-group decisions, in one place, and the one-process-per-device launcher.
 
 Everything that asks "which device?", "which autocast dtype?" or "which backend?" calls this file;
-the training loop and inference read its answers instead of deriving their own.
+the training loop and inference read its answers instead of deriving their own. make_precision(device,
+train_config) gives the loop one Precision (float32, native autocast with a GradScaler for float16, or apex O2)
+with autocast(), backward() and step().
 
     python distributed.py -c config.json [train.py flags]          # one train.py per local GPU/NPU
     python distributed.py --nproc_per_node 2 --device cpu -c config.json
@@ -11,6 +13,7 @@ the training loop and inference read its answers instead of deriving their own.
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from datetime import timedelta
 
 import torch
@@ -219,9 +222,96 @@ def load_apex_amp(device):
     try:
         from apex import amp
     except ImportError:
-        raise RuntimeError("--amp_backend apex was asked for but apex is not installed; install NVIDIA apex "
-                           "(CUDA) or Ascend apex (NPU), or use --amp_backend native (torch.autocast + GradScaler)")
+        raise RuntimeError("--amp_backend apex was asked for but apex is not installed; install NVIDIA apex (CUDA) "
+                           "or Ascend apex (NPU), or use --amp_backend native (torch.autocast + GradScaler)") from None
     return amp
+
+
+class Precision:
+    """A run's arithmetic: the autocast dtype (None: float32), loss scaling, and the backward and step around them.
+
+    One of three set-ups, chosen once by make_precision: plain float32; native (torch.autocast, with a GradScaler
+    for float16); apex O2 (an fp16 model with fp32 master weights, apex's own loss scaling). The loop calls
+    autocast(), backward() and step() and never asks which one it is.
+    """
+
+    def __init__(self, device, amp_dtype, note="", apex_amp=None):
+        self.device, self.amp_dtype, self.note, self.apex_amp = device, amp_dtype, note, apex_amp
+        self.scaler = make_grad_scaler(device, amp_dtype)
+        self._initialized, self._pending_apex_state = apex_amp is None, None
+
+    @property
+    def uses_apex(self):
+        return self.apex_amp is not None
+
+    def describe(self):
+        """As the start-up line says it: 'float32', 'torch.bfloat16', 'torch.float16 with a GradScaler'."""
+        return f"{self.amp_dtype or 'float32'}{' with a GradScaler' if self.scaler.is_enabled() else ''}"
+
+    def initialize(self, model, optimizer):
+        """apex casts the model and wraps the optimizer here (a no-op otherwise); returns (model, optimizer)."""
+        if self.apex_amp is not None and not self._initialized:
+            model, optimizer = self.apex_amp.initialize(model, optimizer, opt_level="O2", loss_scale="dynamic")
+            self._initialized = True
+            if self._pending_apex_state:
+                self.apex_amp.load_state_dict(self._pending_apex_state)
+        return model, optimizer
+
+    def parameters_to_clip(self, model, optimizer):
+        """The parameters whose gradients are clipped: apex's fp32 master copies (what the optimizer updates)."""
+        if self.apex_amp is not None:
+            return list(self.apex_amp.master_params(optimizer))
+        return list(model.parameters())
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def backward(self, loss, optimizer, parameters, clip_norm):
+        """Scale the loss, backpropagate, unscale the gradients and clip their norm to clip_norm; returns the norm
+        (a tensor, before clipping: inf or NaN when the gradients overflowed)."""
+        if self.apex_amp is not None:
+            with self.apex_amp.scale_loss(loss, optimizer) as scaled_loss:
+                scaled_loss.backward()
+        else:
+            self.scaler.scale(loss).backward()  # scale and unscale_ do nothing for a disabled scaler
+            self.scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+
+    def step(self, optimizer, finite):
+        """The optimizer step, which leaves the weights alone when the step was not finite."""
+        if self.apex_amp is not None:
+            optimizer.step()  # apex skips overflowing steps itself
+        elif self.scaler.is_enabled():
+            self.scaler.step(optimizer)  # skips the step when the fp16 gradients overflowed
+            self.scaler.update()
+        elif finite:
+            optimizer.step()
+
+    def state_dict(self):
+        """{'scaler': ..., 'amp': ...} as a checkpoint holds them (None where not in use)."""
+        return {"scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "amp": self.apex_amp.state_dict() if self.apex_amp is not None else None}
+
+    def load_state_dict(self, state):
+        """Load a checkpoint's 'scaler' and 'amp' entries where they apply; apex's waits for initialize()."""
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if self.apex_amp is not None and state.get("amp"):
+            if self._initialized:
+                self.apex_amp.load_state_dict(state["amp"])
+            else:
+                self._pending_apex_state = state["amp"]
+
+
+def make_precision(device, train_config):
+    """The Precision of train_config's fp16_run, amp_dtype and amp_backend on `device`.
+
+    Raises RuntimeError when amp_backend apex is asked for but cannot run here.
+    """
+    amp_dtype, note = autocast_dtype(device, train_config["fp16_run"], train_config["amp_dtype"])
+    if train_config["amp_backend"] == "apex" and train_config["fp16_run"]:
+        return Precision(device, None, "apex O2: fp16 model with fp32 master weights", load_apex_amp(device))
+    return Precision(device, amp_dtype, note)
 
 
 # ---------------------------------------------------------------------------------------------------

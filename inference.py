@@ -7,6 +7,8 @@ The list holds mels, as `.pt` tensors or `.npy` arrays of shape (80, F) or (1, 8
 Tacotron 2 or FastPitch), and/or audio files, which are turned into mels first. Each input gives
 `<name without .pt/.npy>_synthesis.wav`, 16-bit PCM.
 File i of the list draws its noise from seed + i, so its audio does not depend on batching or chunking.
+The mel settings for audio inputs and evaluation come from -c (read by config.load_config: unknown keys are
+refused), else the checkpoint's own config, else the repo's config.json (config.checkpoint_data_config).
 """
 import argparse
 import contextlib
@@ -22,13 +24,13 @@ from scipy.io import wavfile
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_model
+from config import checkpoint_data_config
 from denoiser import Denoiser
 from distributed import autocast_dtype, select_device
 from evaluate import copy_synthesis_score, plot_mel_comparison, validation_nll
 from glow import UPSAMPLE_STRIDE, compile_coupling_networks
-from mel2samp import MAX_WAV_VALUE, MEL_KEYS, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
+from mel2samp import MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
 SILENCE = math.log(1e-5)  # the log-mel floor: what padding frames hold
 EVAL_SIGMA, EVAL_SEED = 0.6, 1234
 
@@ -74,30 +76,6 @@ def parse_args(argv=None):
     if args.chunk_overlap < 0:
         parser.error("--chunk_overlap must not be negative")
     return args
-
-
-def resolve_config(config_path, checkpoint):
-    """(data_config, training sigma, where they came from): -c, else the checkpoint's config, else config.json."""
-    if not config_path:
-        config = checkpoint.get("config") or {}
-        data = config.get("data_config") if isinstance(config, dict) else None
-        if isinstance(data, dict) and all(key in data for key in MEL_KEYS):
-            return data, config.get("train_config", {}).get("sigma", 1.0), "the checkpoint's config"
-        config_path = DEFAULT_CONFIG
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read config {config_path}: {error}") from None
-    data = config.get("data_config")
-    if not isinstance(data, dict) or any(key not in data for key in MEL_KEYS):
-        raise ValueError(f"config {config_path} lacks data_config with {', '.join(MEL_KEYS)}")
-    return data, config.get("train_config", {}).get("sigma", 1.0), config_path
-
-
-def make_stft(data, n_mel_channels):
-    return TacotronSTFT(data["filter_length"], data["hop_length"], data["win_length"], n_mel_channels,
-                        data["sampling_rate"], data["mel_fmin"], data["mel_fmax"])
 
 
 MEL_SUFFIXES = (".pt", ".npy")
@@ -236,7 +214,7 @@ class Synthesizer:
         batch = torch.full((len(mels), mels[0].size(0), longest), SILENCE, device=self.device)
         z = torch.zeros(len(mels), self.model.n_group, UPSAMPLE_STRIDE * longest // self.model.n_group,
                         device=self.device)
-        for row, (mel, index) in enumerate(zip(mels, indices)):
+        for row, (mel, index) in enumerate(zip(mels, indices, strict=True)):
             batch[row, :, :mel.size(1)] = mel.to(self.device)
             seed = None if self.seed is None else self.seed + index
             z[row, :, :UPSAMPLE_STRIDE * mel.size(1) // self.model.n_group] = \
@@ -277,7 +255,7 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
         audios, seconds = synth([item[3] for item in batch], [item[1] for item in batch])
         batch_audio = sum(a.numel() for a in audios) / sampling_rate
         total_audio, total_time = total_audio + batch_audio, total_time + seconds
-        for (_, _, path, _), audio in zip(batch, audios):
+        for (_, _, path, _), audio in zip(batch, audios, strict=True):
             out_path = os.path.join(args.output_dir, output_name(path))
             write_wav(out_path, audio, sampling_rate)
             tqdm.write(f"{out_path}: {audio.numel() / sampling_rate:.2f} s of audio, real-time factor "
@@ -293,9 +271,7 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
 def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate):
     """Validation NLL and copy-synthesis mel L1 over the eval list; writes eval.json. Returns failures."""
     model = synth.model
-    dataset = Mel2Samp(args.eval_list, data["segment_length"], data["filter_length"], data["hop_length"],
-                       data["win_length"], data["sampling_rate"], data["mel_fmin"], data["mel_fmax"],
-                       n_mel_channels=model.n_mel_channels, deterministic=True)
+    dataset = Mel2Samp.from_config(args.eval_list, data, n_mel_channels=model.n_mel_channels, deterministic=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     nll = validation_nll(model, loader, train_sigma, synth.device, synth.amp_dtype)
     print(f"Validation NLL: {nll:.6f}")
@@ -344,7 +320,7 @@ def main(argv=None):
         print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
         if args.compile:  # a second new length recompiles once, for any length
             compile_coupling_networks(model, amp_dtype if device.type == "cpu" else None, dynamic=None)
-        data, train_sigma, source = resolve_config(args.config, checkpoint)
+        data, train_sigma, source = checkpoint_data_config(checkpoint, args.config)
         sampling_rate = args.sampling_rate or int(data["sampling_rate"])
         os.makedirs(args.output_dir, exist_ok=True)
         evaluating = bool(args.eval_list)
@@ -360,7 +336,7 @@ def main(argv=None):
         def stft_maker():  # built on first use: only audio inputs need it
             if not stft_cache:
                 print(f"mel settings of audio inputs from {source}")
-                stft_cache.append(make_stft(data, model.n_mel_channels))
+                stft_cache.append(TacotronSTFT.from_config(data, model.n_mel_channels))
             return stft_cache[0]
 
         failed = 0

@@ -1,13 +1,15 @@
 """Audio in, mel spectrograms out: wav/flac reading, the Tacotron 2 mel, file lists and the training dataset.
 
 The mel is Tacotron 2's TacotronSTFT, so mels made by Tacotron 2 (or FastPitch) drive a vocoder trained here.
+The mel and the dataset each build from a config's data_config in one call, TacotronSTFT.from_config(data_config,
+n_mel) and Mel2Samp.from_config(files, data_config, **options); config.load_config reads and checks the file.
 
     python mel2samp.py -f wav_list.txt -o mels/ -c config.json [-j 8]    # <name>.wav.pt per clip
+                                                  # (the mel of data_config, waveglow_config.n_mel_channels bands)
     python mel2samp.py --make_split LJSpeech-1.1 -o filelists/ [--n_test 10]
 """
 import argparse
 import concurrent.futures
-import json
 import logging
 import os
 import sys
@@ -19,9 +21,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from config import load_config
+
 MAX_WAV_VALUE = 32768.0
 AUDIO_EXTENSIONS = (".wav", ".flac")
-MEL_KEYS = ("sampling_rate", "filter_length", "hop_length", "win_length", "mel_fmin", "mel_fmax")
 logger = logging.getLogger("mel2samp")
 _already_warned = set()  # a corpus of stereo or 44.1 kHz files says so once per process, not once per read
 
@@ -111,6 +114,12 @@ class TacotronSTFT(torch.nn.Module):
         self.register_buffer("mel_basis", torch.from_numpy(mel_basis), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length, periodic=True, dtype=torch.float64),
                              persistent=False)
+
+    @classmethod
+    def from_config(cls, data_config, n_mel_channels=80):
+        """The mel of a config's data_config section (n_mel_channels is the model's, from waveglow_config)."""
+        return cls(data_config["filter_length"], data_config["hop_length"], data_config["win_length"], n_mel_channels,
+                   data_config["sampling_rate"], data_config["mel_fmin"], data_config["mel_fmax"])
 
     def spectral_normalize(self, magnitudes):
         return torch.log(torch.clamp(magnitudes, min=1e-5))
@@ -221,6 +230,14 @@ class Mel2Samp(torch.utils.data.Dataset):
         # one flag per file in shared memory, so DataLoader workers' read-time failures count in the parent
         self._failed = torch.zeros(len(self.audio_files), dtype=torch.uint8).share_memory_()
 
+    @classmethod
+    def from_config(cls, training_files, data_config, **options):
+        """The dataset of `training_files` cut and mel'd as a config's data_config says; `options` are the
+        keyword arguments of the constructor (n_mel_channels, seed, rank, deterministic, strict, ...)."""
+        return cls(training_files, data_config["segment_length"], data_config["filter_length"],
+                   data_config["hop_length"], data_config["win_length"], data_config["sampling_rate"],
+                   data_config["mel_fmin"], data_config["mel_fmax"], **options)
+
     def _drop_bad_headers(self, source):
         problems = [(p, _check_header(p, self.sampling_rate, self.hop_length)) for p in self.audio_files]
         if not self.resample:  # a corpus at the wrong rate is a setup mistake, not a bad file to skip
@@ -295,24 +312,6 @@ class Mel2Samp(torch.utils.data.Dataset):
         return len(self.audio_files)
 
 
-def load_mel_config(config_path):
-    """The data_config section of a config.json."""
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config {config_path} not found") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config {config_path} is not valid JSON: {error}") from None
-    data_config = config.get("data_config")
-    if not isinstance(data_config, dict):
-        raise ValueError(f"config {config_path} has no 'data_config' section (see config.json in this repo)")
-    missing = [key for key in MEL_KEYS if key not in data_config]
-    if missing:
-        raise ValueError(f"config {config_path}: data_config lacks {', '.join(missing)} (see config.json in this repo)")
-    return data_config
-
-
 def make_split(data_path, out_dir, n_test=10):
     """The conventional split: first `n_test` sorted audio files are the test set, the rest train.
 
@@ -373,11 +372,9 @@ def _mel_file(path, output_dir):
 
 def _write_mels(args):
     from tqdm import tqdm
-    data_config = load_mel_config(args.config)
+    config = load_config(args.config)
     # built once here (the filterbank takes librosa a second) and handed to every worker
-    stft = TacotronSTFT(data_config["filter_length"], data_config["hop_length"], data_config["win_length"],
-                        data_config.get("n_mel_channels", 80), data_config["sampling_rate"],
-                        data_config["mel_fmin"], data_config["mel_fmax"])
+    stft = TacotronSTFT.from_config(config["data_config"], config["waveglow_config"]["n_mel_channels"])
     files = files_to_list(args.filelist_path, args.data_root)
     clashes = sorted(n for n, count in Counter(os.path.basename(p) for p in files).items() if count > 1)
     if clashes:

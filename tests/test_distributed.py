@@ -55,6 +55,76 @@ def test_precision_backends_on_cpu():
         distributed.load_apex_amp(CPU)
 
 
+def precision_config(**changes):
+    return {"fp16_run": False, "amp_dtype": "auto", "amp_backend": "native", **changes}
+
+
+def test_make_precision_picks_one_set_up_and_describes_it():
+    plain = distributed.make_precision(CPU, precision_config())
+    assert (plain.amp_dtype, plain.describe(), plain.uses_apex) == (None, "float32", False)
+    assert plain.state_dict() == {"scaler": None, "amp": None}  # as a float32 checkpoint holds them
+    with plain.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    low = distributed.make_precision(CPU, precision_config(fp16_run=True, amp_dtype="bfloat16"))
+    assert (low.amp_dtype, low.describe(), low.note) == (torch.bfloat16, "torch.bfloat16", "")
+    with low.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    scaled = distributed.Precision(CPU, torch.float16)
+    assert scaled.describe() == "torch.float16 with a GradScaler" and scaled.state_dict()["scaler"]["scale"] > 1
+    with pytest.raises(RuntimeError, match="--amp_backend apex needs a CUDA GPU"):
+        distributed.make_precision(CPU, precision_config(fp16_run=True, amp_backend="apex"))
+    # apex only where fp16_run asks for low precision at all
+    assert distributed.make_precision(CPU, precision_config(amp_backend="apex")).describe() == "float32"
+
+
+def tiny_step_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    return model, torch.optim.Adam(model.parameters(), lr=0.1), torch.randn(4, 6)
+
+
+@pytest.mark.parametrize("clip_norm", [float("inf"), 0.05])
+def test_precision_backward_and_step_are_the_plain_float32_sequence(clip_norm):
+    model, optimizer, x = tiny_step_setup()
+    model.weight.grad = None
+    model(x).pow(2).mean().backward()
+    expected_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer, x = tiny_step_setup()
+    precision = distributed.make_precision(CPU, precision_config())
+    norm = precision.backward(model(x).pow(2).mean(), optimizer, list(model.parameters()), clip_norm)
+    precision.step(optimizer, finite=True)
+    assert torch.equal(norm, expected_norm)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected, strict=True))
+
+
+def test_a_step_that_is_not_finite_leaves_the_weights_alone():
+    for precision in (distributed.make_precision(CPU, precision_config()), distributed.Precision(CPU, torch.float16)):
+        model, optimizer, x = tiny_step_setup()
+        before = [p.detach().clone() for p in model.parameters()]
+        norm = precision.backward(model(x).sum() * float("inf"), optimizer, list(model.parameters()), float("inf"))
+        assert not torch.isfinite(norm)
+        precision.step(optimizer, finite=False)  # the GradScaler finds the overflow itself and skips the step
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_precision_state_round_trips_through_a_checkpoint_dict():
+    source = distributed.Precision(CPU, torch.float16)
+    model, optimizer, x = tiny_step_setup()
+    source.backward(model(x).sum() * float("inf"), optimizer, list(model.parameters()), float("inf"))
+    source.step(optimizer, finite=False)  # an overflow halves the loss scale
+    state = source.state_dict()
+    assert state["scaler"]["scale"] == 65536.0 / 2 and state["amp"] is None
+    target = distributed.Precision(CPU, torch.float16)
+    target.load_state_dict(state)
+    assert target.state_dict() == state
+    plain = distributed.Precision(CPU, None)
+    plain.load_state_dict(state)  # a float32 run resumed from an fp16 one: nothing to load
+    assert plain.state_dict() == {"scaler": None, "amp": None}
+
+
 def test_launcher_splits_its_flags_from_train_flags():
     launcher, train_argv = distributed.launcher_args(["-c", "config.json", "--device", "cpu", "-batch_size", "4",
                                                       "--nproc_per_node", "2"])
@@ -102,7 +172,7 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
     def losses(log):  # rank 0 alone logs, once per iteration; the loss is averaged over the ranks
         return [(int(i), float(loss)) for i, loss in re.findall(r"^(\d+):\tloss:(\S+)\ttime:", log, re.M)]
     assert [i for i, _ in losses(two_ranks_log)] == [i for i, _ in losses(one_rank_log)] == [1, 2]
-    for (_, two), (_, one) in zip(losses(two_ranks_log), losses(one_rank_log)):
+    for (_, two), (_, one) in zip(losses(two_ranks_log), losses(one_rank_log), strict=True):
         assert two == pytest.approx(one, abs=1e-6)
     two_ranks = torch.load(tmp_path / "two_ranks" / "waveglow_2", weights_only=True)
     one_rank = torch.load(tmp_path / "one_rank" / "waveglow_2", weights_only=True)

@@ -12,7 +12,7 @@ import torch
 
 import mel2samp
 from conftest import REPO, speechlike, write_wav
-from mel2samp import (MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_mel_config,
+from mel2samp import (MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list,
                       load_wav_to_torch, make_split)
 
 DATA_CONFIG = {"segment_length": 16000, "filter_length": 1024, "hop_length": 256, "win_length": 1024,
@@ -244,13 +244,6 @@ def test_file_list_forms_and_relative_paths(tmp_path, lj_corpus, monkeypatch):
         files_to_list(tmp_path / "blank.txt")
 
 
-def test_load_mel_config(tmp_path):
-    assert load_mel_config(REPO / "config.json")["hop_length"] == 256
-    (tmp_path / "c.json").write_text('{"train_config": {}}')
-    with pytest.raises(ValueError, match="data_config"):
-        load_mel_config(tmp_path / "c.json")
-
-
 # ---- crops ----
 
 def test_short_clips_are_zero_padded_at_the_end(tmp_path):
@@ -286,7 +279,7 @@ def test_training_crops_depend_on_seed_rank_epoch_and_reproduce(lj_corpus):
     assert torch.equal(base, crops())  # a fresh dataset (a resumed run) sees the same crops
     assert torch.equal(base, crops(workers=2))  # whatever the worker count
     for other in (crops(rank=1), crops(epoch=1), crops(seed=99)):
-        differing = sum(not torch.equal(a, b) for a, b in zip(base, other))
+        differing = sum(not torch.equal(a, b) for a, b in zip(base, other, strict=True))
         assert differing >= 9  # of 12 clips; a few may draw the same start by chance
 
 
