@@ -191,7 +191,7 @@ def test_evaluation_mode(tmp_path, tiny_checkpoint, lj_corpus, capsys):
     assert report["validation_nll"] == pytest.approx(nll, abs=1e-6)
     assert report["copy_synthesis_mel_l1"] == pytest.approx(l1, abs=1e-6)
     assert report["sigma"] == 0.6 and report["iteration"] == 100 and len(report["clips"]) == 3
-    for clip, source in zip(report["clips"], clips):
+    for clip, source in zip(report["clips"], clips, strict=True):
         assert os.path.getsize(clip["png"]) > 1000
         assert sf.info(clip["wav"]).frames == sf.info(str(source)).frames  # copy synthesis keeps the length
     # deterministic: the same numbers again

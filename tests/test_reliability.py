@@ -167,23 +167,23 @@ def test_kill_9_at_random_moments_and_mid_save_then_resume_matches_an_uninterrup
         else:
             process = spawn([REPO / "train.py", "-c", config, *resume], f"run{attempt}")
         if newest:
-            wait_for(lambda: "Resumed from" in process.out(), "the resume", 120, process)
+            wait_for(lambda process=process: "Resumed from" in process.out(), "the resume", 120, process)
             assert f"at iteration {int(newest.name.split('_')[1])} " in process.out()
         if partial:  # the hidden half file of the save killed in the previous run is cleaned away
-            wait_for(lambda: "removed 1 partial checkpoint file" in process.out(), "the clean-up note", 60, process)
+            wait_for(lambda process=process: "removed 1 partial checkpoint file" in process.out(), "the clean-up note", 60, process)
             assert not partial.exists()
             partial = None
         if how == "not at all":
             assert process.wait(timeout=120) == 0, process.err()
             break
         if how == "mid-save":
-            wait_for(lambda: "STALLED" in process.err(), "the stalled save", 120, process)
+            wait_for(lambda process=process: "STALLED" in process.err(), "the stalled save", 120, process)
             stalled = int(re.search(r"STALLED writing iteration (\d+)", process.err()).group(1))
             assert not (out / f"waveglow_{stalled}").exists(), "a half-written checkpoint under its final name"
             (partial,) = out.glob(f".waveglow_{stalled}.*.tmp")  # the half file, hidden
             assert partial.stat().st_size > 0
         else:
-            wait_for(lambda: LOSS_LINE.search(process.out()), "the first training step", 120, process)
+            wait_for(lambda process=process: LOSS_LINE.search(process.out()), "the first training step", 120, process)
             time.sleep(delays.uniform(0.0, 0.5))
         assert process.poll() is None, "the run finished before it could be killed"
         process.kill()
