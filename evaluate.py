@@ -24,6 +24,7 @@ Lower is better for all but pesq and stoi.
 """
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -137,14 +138,13 @@ def _import(package, score):
                                   f"(pip install {name}, or pip install -r requirements.txt)") from None
 
 
+@functools.lru_cache(maxsize=1)
 def _pyworld_extension():
     """pyworld's compiled module, loaded without the package's __init__.
 
     pyworld 0.3.5's __init__ only reads its own version through setuptools' pkg_resources, which setuptools 81
     removed; the compiled WORLD bindings next to it need nothing of it.
     """
-    if "pyworld.pyworld" in sys.modules:
-        return sys.modules["pyworld.pyworld"]
     package = importlib.util.find_spec("pyworld")
     folder = list(package.submodule_search_locations or [])[:1]
     candidates = [os.path.join(folder[0], "pyworld" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES
@@ -155,7 +155,6 @@ def _pyworld_extension():
     spec = importlib.util.spec_from_file_location("pyworld.pyworld", candidates[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules["pyworld.pyworld"] = module
     return module
 
 
