@@ -27,7 +27,8 @@ from checkpoint import CheckpointError, load_model
 from config import checkpoint_data_config
 from denoiser import Denoiser
 from distributed import autocast_dtype, select_device
-from evaluate import copy_synthesis_score, plot_mel_comparison, validation_nll
+from evaluate import (SCORE_LABELS, copy_synthesis_score, json_safe, mean_scores, plot_mel_comparison,
+                      require_score_packages, validation_nll, vocoder_scores)
 from glow import UPSAMPLE_STRIDE, compile_coupling_networks
 from mel2samp import MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
 
@@ -67,7 +68,8 @@ def parse_args(argv=None):
                         help="longest mel per pass; longer ones go in crossfaded chunks "
                              "(default 2000 frames on CPU, 4000 on GPU/NPU)")
     parser.add_argument("--chunk_overlap", type=int, default=32, help="frames shared by neighbouring chunks")
-    parser.add_argument("--eval_list", help="evaluate on these clips: validation NLL and copy-synthesis mel L1")
+    parser.add_argument("--eval_list", help="evaluate on these clips: validation NLL and copy-synthesis scores "
+                                            "(mel L1, MCD, F0 RMSE, V/UV error, MR-STFT, PESQ, STOI)")
     args = parser.parse_args(argv)
     if not args.filelist_path and not args.eval_list:
         parser.error("give -f/--filelist_path to synthesise, or --eval_list to evaluate")
@@ -269,7 +271,9 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
 
 
 def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate):
-    """Validation NLL and copy-synthesis mel L1 over the eval list; writes eval.json. Returns failures."""
+    """Validation NLL and copy-synthesis scores (evaluate.SCORE_KEYS) over the eval list; writes eval.json with
+    each clip's scores and their means ("mean"). Returns failures."""
+    require_score_packages()  # before the long NLL pass, not after it
     model = synth.model
     dataset = Mel2Samp.from_config(args.eval_list, data, n_mel_channels=model.n_mel_channels, deterministic=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
@@ -293,17 +297,21 @@ def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rat
         png_path = os.path.join(args.output_dir, f"{stem}_mel.png")
         write_wav(wav_path, output, sampling_rate)
         plot_mel_comparison(reference_mel, output_mel, png_path, f"{stem}: copy synthesis, mel L1 {score:.3f}")
-        clips.append({"file": path, "mel_l1": score, "wav": wav_path, "png": png_path})
+        scores = json_safe({**vocoder_scores(audio, output, stft.sampling_rate), "mel_l1": score})
+        clips.append({"file": path, **scores, "wav": wav_path, "png": png_path})
         total_audio, total_time = total_audio + audio.numel() / sampling_rate, total_time + seconds
     mean_l1 = float(np.mean([clip["mel_l1"] for clip in clips])) if clips else float("nan")
     print(f"Copy-synthesis mel L1: {mean_l1:.6f}")
+    means = mean_scores(clips)
+    for key, label in SCORE_LABELS.items():  # one line each, the value last (the launchers read it so)
+        print(f"Copy-synthesis {label}: {'nan' if means.get(key) is None else f'{means[key]:.6f}'}")
     if total_time > 0:
         print(f"Copy synthesis: {total_audio:.2f} s of audio, real-time factor {total_audio / total_time:.2f}")
     report = {"checkpoint": args.waveglow_path, "flavour": checkpoint["flavour"], "iteration": checkpoint["iteration"],
               "validation_nll": nll, "nll_sigma": train_sigma, "copy_synthesis_mel_l1": mean_l1,
               "sigma": synth.sigma, "seed": synth.seed, "denoiser_strength": args.denoiser_strength,
               "real_time_factor": total_audio / total_time if total_time > 0 else None,
-              "clips": clips, "failed": failures}
+              "mean": means, "clips": clips, "failed": failures}
     with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     return len(failures) + (0 if clips else 1)

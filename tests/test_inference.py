@@ -15,7 +15,7 @@ from conftest import REPO, TINY_WAVEGLOW, speechlike, write_wav
 import inference
 from checkpoint import load_model, save_checkpoint
 from denoiser import Denoiser
-from evaluate import copy_synthesis_score, plot_mel_comparison
+from evaluate import SCORE_KEYS, SCORE_LABELS, copy_synthesis_score, plot_mel_comparison
 from mel2samp import TacotronSTFT
 from test_checkpoint import make_source_model
 
@@ -191,6 +191,14 @@ def test_evaluation_mode(tmp_path, tiny_checkpoint, lj_corpus, capsys):
     assert report["validation_nll"] == pytest.approx(nll, abs=1e-6)
     assert report["copy_synthesis_mel_l1"] == pytest.approx(l1, abs=1e-6)
     assert report["sigma"] == 0.6 and report["iteration"] == 100 and len(report["clips"]) == 3
+    assert set(SCORE_KEYS) <= set(report["mean"]) and all(set(SCORE_KEYS) <= set(clip) for clip in report["clips"])
+    assert report["mean"]["mel_l1"] == pytest.approx(l1, abs=1e-6)
+    for key, label in SCORE_LABELS.items():  # the printed means, which the launchers read, are the file's
+        printed_mean = float(printed.split(f"Copy-synthesis {label}: ")[1].split()[0])
+        if report["mean"][key] is None:  # an untrained model's noise has no frame voiced where the input is
+            assert key == "f0_rmse_cents" and math.isnan(printed_mean)
+        else:
+            assert printed_mean == pytest.approx(report["mean"][key], abs=1e-6), key
     for clip, source in zip(report["clips"], clips, strict=True):
         assert os.path.getsize(clip["png"]) > 1000
         assert sf.info(clip["wav"]).frames == sf.info(str(source)).frames  # copy synthesis keeps the length
