@@ -32,15 +32,16 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from config import REPO_CONFIG, load_config
 from glow import WaveGlowLoss
-from mel2samp import MAX_WAV_VALUE, MEL_KEYS, AudioError, TacotronSTFT, load_wav_to_torch
+from mel2samp import MAX_WAV_VALUE, AudioError, TacotronSTFT, load_wav_to_torch
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.json")
 
 
 @torch.no_grad()
@@ -271,7 +272,13 @@ def stoi_score(reference, synthesis, sampling_rate):
     """Short-time objective intelligibility, 0 to 1 (pystoi resamples to its 10 kHz itself)."""
     pystoi = _import("pystoi", "STOI")
     reference, synthesis = _common_length(reference, synthesis)
-    return float(pystoi.stoi(reference, synthesis, sampling_rate, extended=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = float(pystoi.stoi(reference, synthesis, sampling_rate, extended=False))
+    # Under about 30 non-silent 25 ms frames pystoi warns and returns 1e-5, a number that is no score: undefined.
+    if any("Not enough STFT frames" in str(warning.message) for warning in caught):
+        return float("nan")
+    return score
 
 
 def vocoder_scores(reference, synthesis, sampling_rate, stft=None):
@@ -349,18 +356,9 @@ def read_audio(path):
 
 
 def mel_stft(config_path):
-    """The TacotronSTFT of a config's data_config (the mel that mel_l1 compares)."""
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read config {config_path}: {error}") from None
-    data = config.get("data_config") if isinstance(config, dict) else None
-    if not isinstance(data, dict) or any(key not in data for key in MEL_KEYS):
-        raise ValueError(f"config {config_path} lacks data_config with {', '.join(MEL_KEYS)}")
-    n_mel = config.get("waveglow_config", {}).get("n_mel_channels", 80)
-    return TacotronSTFT(data["filter_length"], data["hop_length"], data["win_length"], n_mel,
-                        data["sampling_rate"], data["mel_fmin"], data["mel_fmax"])
+    """The TacotronSTFT of a config's data_config (the mel that mel_l1 compares); ConfigError names a bad file."""
+    config = load_config(config_path)
+    return TacotronSTFT.from_config(config["data_config"], config["waveglow_config"]["n_mel_channels"])
 
 
 def score_pairs(pairs, stft):
@@ -391,7 +389,7 @@ def parse_args(argv=None):
     parser.add_argument("--reference", required=True, help="folder of reference <name>.wav")
     parser.add_argument("--synthesis", required=True, help="folder of <name>_synthesis.wav or <name>.wav")
     parser.add_argument("-o", "--output", help="write {\"mean\": {...}, \"clips\": {name: {...}}} to this JSON file")
-    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config whose mel mel_l1 compares "
+    parser.add_argument("-c", "--config", default=REPO_CONFIG, help="config whose mel mel_l1 compares "
                                                                        "(default: the repo's config.json)")
     return parser.parse_args(argv)
 

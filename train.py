@@ -50,7 +50,7 @@ from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_check
 from config import ConfigError, resolve_config
 from distributed import (Precision, all_reduce_sum, cleanup_distributed, make_precision, setup_distributed, unwrap,
                          wrap_ddp)
-from evaluate import validation_nll
+from evaluate import mean_scores, validation_nll, vocoder_scores
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks
 from mel2samp import AudioError, Mel2Samp
 
@@ -136,6 +136,8 @@ def make_dataset(files, config, rank=0, deterministic=False):
     except ValueError as error:  # e.g. a list with no audio in it
         raise ConfigError(str(error)) from None
 
+
+VALIDATION_CLIPS = 2  # held-out clips synthesised, scored and logged to tensorboard at each validation
 
 # ---------------------------------------------------------------------------------------------------
 # Set-up: everything the loop needs, built in the order that keeps a seeded run repeatable.
@@ -313,8 +315,9 @@ def set_up(config, rank_flag=None, group_name=""):
               trainset, sampler, batches_per_epoch, global_batch, val_loader, writer, log, progress)
     log_set_up(run, group_name)
     if writer is not None and val_loader is not None:
-        writer.add_audio("validation/original", next(iter(val_loader))[1][0], progress.iteration,
-                         sample_rate=config["data_config"]["sampling_rate"])
+        for i, original in enumerate(next(iter(val_loader))[1][:VALIDATION_CLIPS]):  # beside the syntheses
+            writer.add_audio(f"validation/original_{i}", original, progress.iteration,
+                             sample_rate=config["data_config"]["sampling_rate"])
     return run
 
 
@@ -440,10 +443,33 @@ def validate(run, iteration):
     run.log(f"Validation loss {iteration}: {loss:.9f}")
     if run.writer is not None:
         run.writer.add_scalar("validation/loss", loss, iteration)
-        mel = next(iter(run.val_loader))[0][:1].to(run.device)
-        synthesis = model.infer(mel, sigma=0.6, seed=tc["seed"])  # a short, repeatable listen
-        run.writer.add_audio("validation/synthesis", synthesis[0].clamp(-1, 1).float().cpu(), iteration,
-                             sample_rate=run.config["data_config"]["sampling_rate"])
+        log_validation_clips(run, model, iteration)
+
+
+def log_validation_clips(run, model, iteration, n_clips=None):
+    """Tensorboard: a few held-out clips synthesised (audio, mel image) and their objective scores' means.
+
+    Few clips, because the F0 tracker behind MCD / F0 RMSE / V/UV costs about twice a clip's length."""
+    tc, rate, writer = run.config["train_config"], run.config["data_config"]["sampling_rate"], run.writer
+    stft = run.val_loader.dataset.stft
+    mels, references = next(iter(run.val_loader))
+    clips = []
+    for i in range(min(n_clips or VALIDATION_CLIPS, len(mels))):
+        synthesis = model.infer(mels[i:i + 1].to(run.device), sigma=0.6, seed=tc["seed"] + i)[0]  # repeatable
+        synthesis = synthesis.clamp(-1, 1).float().cpu()  # (T,)
+        writer.add_audio(f"validation/synthesis_{i}", synthesis, iteration, sample_rate=rate)
+        writer.add_image(f"validation/mel_{i}", mel_image(stft.mel_spectrogram(synthesis.unsqueeze(0))[0]),
+                         iteration, dataformats="HW")
+        clips.append(vocoder_scores(references[i], synthesis, rate, stft=stft))
+    for key, value in mean_scores(clips).items():
+        if value is not None:  # None: undefined on every clip (e.g. no frame voiced in both)
+            writer.add_scalar(f"validation/{key}", value, iteration)
+
+
+def mel_image(mel):
+    """A log-mel (n_mel, F) as a [0, 1] image with the low bands at the bottom."""
+    mel = mel.flip(0)
+    return ((mel - mel.min()) / (mel.max() - mel.min()).clamp(min=1e-5)).numpy()
 
 
 # ---------------------------------------------------------------------------------------------------

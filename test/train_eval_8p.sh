@@ -1,7 +1,8 @@
 #!/bin/bash
 # WaveGlow evaluation of a checkpoint on the test split of --data_path (its first 10 files in sorted order):
 # validation NLL (the training loss on held-out clips, this repo's accuracy figure) and copy synthesis
-# (each clip's mel back to audio at sigma 0.6, scored by the mel L1 distance to the original).
+# (each clip's mel back to audio at sigma 0.6, scored against the original by mel L1, MCD, F0 RMSE, V/UV
+# error, MR-STFT, PESQ and STOI; see evaluate.py).
 #
 #   bash test/train_eval_8p.sh --data_path=/data/LJSpeech-1.1 --pth_path=./checkpoints/waveglow_21000
 #
@@ -58,10 +59,20 @@ if [[ $validation_nll == "" || $mel_l1 == "" ]]; then
     echo "[Error] no 'Validation NLL:' or 'Copy-synthesis mel L1:' line in $log_file" >&2
     exit 1
 fi
+# The objective scores, means over the clips (nan where a score is undefined, e.g. no frame voiced in both).
+score() { grep -a "^Copy-synthesis $1:" "$log_file" | tail -n 1 | awk '{print $NF}'; }
+mcd=$(score "MCD (dB)")
+f0_rmse=$(score "F0 RMSE (cents)")
+vuv_error=$(score "V/UV error")
+mrstft=$(score "MR-STFT")
+pesq=$(score "PESQ (wide band)")
+stoi=$(score "STOI")
 
 echo "------------------ Final result ------------------"
 echo "Final Validation NLL : ${validation_nll}"
 echo "Final Copy-synthesis mel L1 : ${mel_l1}"
+echo "Final Copy-synthesis MCD dB / F0 RMSE cents / V/UV error : ${mcd} / ${f0_rmse} / ${vuv_error}"
+echo "Final Copy-synthesis MR-STFT / PESQ / STOI : ${mrstft} / ${pesq} / ${stoi}"
 echo "E2E Evaluation Duration sec : $e2e_time"
 echo "Synthesised clips : $output_directory"
 
@@ -74,6 +85,12 @@ echo "Synthesised clips : $output_directory"
     echo "Checkpoint = ${checkpoint_path}"
     echo "ValidationNLL = ${validation_nll}"
     echo "CopySynthesisMelL1 = ${mel_l1}"
+    echo "CopySynthesisMCD = ${mcd}"
+    echo "F0RMSECents = ${f0_rmse}"
+    echo "VUVError = ${vuv_error}"
+    echo "MRSTFT = ${mrstft}"
+    echo "PESQ = ${pesq}"
+    echo "STOI = ${stoi}"
     echo "E2ETrainingTime = ${e2e_time}"
     echo "SynthesisDir = ${output_directory}"
 } > "$summary"

@@ -108,6 +108,14 @@ def test_full_8p_on_two_cpu_processes_then_eval(launcher_workspace):
     assert float(evaluation["ValidationNLL"]) == pytest.approx(report["validation_nll"], abs=1e-6)
     assert float(evaluation["CopySynthesisMelL1"]) == pytest.approx(report["copy_synthesis_mel_l1"], abs=1e-6)
     assert float(evaluation["CopySynthesisMelL1"]) > 0
+    summary_keys = {"CopySynthesisMCD": "mcd_db", "F0RMSECents": "f0_rmse_cents", "VUVError": "vuv_error",
+                    "MRSTFT": "mrstft", "PESQ": "pesq", "STOI": "stoi"}
+    for summary_key, score_key in summary_keys.items():  # the scores' means, as eval.json has them
+        expected = report["mean"][score_key]
+        if expected is None:  # undefined for every clip (an untrained model's noise has no voiced frame)
+            assert evaluation[summary_key] == "nan", summary_key
+        else:
+            assert float(evaluation[summary_key]) == pytest.approx(expected, abs=1e-6), summary_key
     # Same held-out clips, same weights: the eval's NLL is the training run's final validation loss.
     assert float(evaluation["ValidationNLL"]) == pytest.approx(float(summary["ValidationLoss"]), abs=1e-5)
     assert f"Final Validation NLL : {evaluation['ValidationNLL']}" in done.stdout

@@ -22,7 +22,7 @@ def with_noise(clean, snr_db, seed=5):
 
 @pytest.fixture(scope="module")
 def stft():
-    return evaluate.mel_stft(evaluate.DEFAULT_CONFIG)
+    return evaluate.mel_stft(evaluate.REPO_CONFIG)
 
 
 @pytest.fixture(scope="module")
