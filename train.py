@@ -350,10 +350,11 @@ def train_step(run, stop, mel, audio):
 
     Each micro-batch's loss is divided by the number of micro-batches: the loss is a mean over clips and samples,
     so the summed gradients are those of the whole batch at once. DDP all-reduces them once, in the last backward.
-    Returns (loss averaged over micro-batches and ranks, gradient norm, finite, stop votes: ranks that caught a signal).
+    Returns (loss averaged over micro-batches and ranks, gradient norm, finite, stop votes: ranks that caught
+    a signal).
     """
-    micro_batches = list(zip(mel.split(run.config["train_config"]["batch_size"]),
-                             audio.split(run.config["train_config"]["batch_size"]), strict=True))
+    batch_size = run.config["train_config"]["batch_size"]
+    micro_batches = list(zip(mel.split(batch_size), audio.split(batch_size), strict=True))  # (B, n_mel, F), (B, T)
     count = len(micro_batches)
     run.optimizer.zero_grad(set_to_none=True)
     losses = []
