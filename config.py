@@ -42,6 +42,7 @@ DEFAULTS = {
         "strict_data": False,         # an unusable audio file stops the run (default: skipped and counted)
         "amp_dtype": "auto",          # fp16_run's dtype: auto (fp16 on CUDA/NPU, bf16 on CPUs) | float16 | bfloat16
         "compile": False,             # torch.compile the coupling networks (pays on GPUs; a minute to compile)
+        "grad_accum_steps": 1,        # micro-batches of batch_size per update: the update of batch_size x this
     },
     "data_config": {
         "training_files": "train_files.txt",
@@ -73,7 +74,7 @@ OVERRIDES = [(("-" + key, "--" + key), "train_config", key) for key in (
     "fp16_run", "output_directory", "epochs", "learning_rate", "sigma", "iters_per_checkpoint", "seed",
     "checkpoint_path", "with_tensorboard", "step_stop", "warm_start", "device", "amp_backend",
     "validation_files", "iters_per_validation", "workers", "grad_clip_thresh", "max_nonfinite_steps", "strict_data",
-    "amp_dtype", "compile")]
+    "amp_dtype", "compile", "grad_accum_steps")]
 OVERRIDES += [(("-batch_size", "--batch_size", "--batch-size"), "train_config", "batch_size"),
               (("-training_files", "--training_files"), "data_config", "training_files"),
               (("-segment_length", "--segment_length"), "data_config", "segment_length"),
@@ -85,6 +86,7 @@ NULLABLE = {("data_config", "mel_fmax")}  # None: up to half the sampling rate
 RANGE_RULES = [
     ("train_config", ("epochs", "iters_per_checkpoint", "batch_size", "max_nonfinite_steps"), lambda v: v > 0,
      "must be positive"),
+    ("train_config", ("grad_accum_steps",), lambda v: v > 0, "must be positive (1: no accumulation)"),
     ("train_config", ("learning_rate", "sigma"), lambda v: v > 0, "must be positive"),
     ("train_config", ("step_stop", "iters_per_validation", "workers", "grad_clip_thresh"), lambda v: v >= 0,
      "must not be negative"),

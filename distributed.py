@@ -232,7 +232,8 @@ class Precision:
 
     One of three set-ups, chosen once by make_precision: plain float32; native (torch.autocast, with a GradScaler
     for float16); apex O2 (an fp16 model with fp32 master weights, apex's own loss scaling). The loop calls
-    autocast(), backward() and step() and never asks which one it is.
+    autocast(), accumulate() per micro-batch, unscale_and_clip() and step() once per update (backward() is the
+    one-micro-batch pair of the middle two) and never asks which one it is.
     """
 
     def __init__(self, device, amp_dtype, note="", apex_amp=None):
@@ -268,13 +269,25 @@ class Precision:
 
     def backward(self, loss, optimizer, parameters, clip_norm):
         """Scale the loss, backpropagate, unscale the gradients and clip their norm to clip_norm; returns the norm
-        (a tensor, before clipping: inf or NaN when the gradients overflowed)."""
+        (a tensor, before clipping: inf or NaN when the gradients overflowed). One micro-batch per update."""
+        self.accumulate(loss, optimizer, last=True)
+        return self.unscale_and_clip(optimizer, parameters, clip_norm)
+
+    def accumulate(self, loss, optimizer, last=True):
+        """Backpropagate one micro-batch's scaled loss, adding to the gradients of the micro-batches before it.
+        The caller divides each loss by the number of micro-batches; `last` marks the update's final one."""
         if self.apex_amp is not None:
-            with self.apex_amp.scale_loss(loss, optimizer) as scaled_loss:
+            # apex unscales into its fp32 master gradients on leaving scale_loss: only after the last micro-batch
+            with self.apex_amp.scale_loss(loss, optimizer, delay_unscale=not last) as scaled_loss:
                 scaled_loss.backward()
         else:
-            self.scaler.scale(loss).backward()  # scale and unscale_ do nothing for a disabled scaler
-            self.scaler.unscale_(optimizer)
+            self.scaler.scale(loss).backward()  # scale does nothing for a disabled scaler
+
+    def unscale_and_clip(self, optimizer, parameters, clip_norm):
+        """Once per update, after the last accumulate(): unscale the summed gradients and clip their norm;
+        returns the norm before clipping (a tensor: inf or NaN when the gradients overflowed)."""
+        if self.apex_amp is None:
+            self.scaler.unscale_(optimizer)  # nothing for a disabled scaler
         return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
 
     def step(self, optimizer, finite):

@@ -1,6 +1,9 @@
 """Audio in, mel spectrograms out: wav/flac reading, the Tacotron 2 mel, file lists and the training dataset.
 
 The mel is Tacotron 2's TacotronSTFT, so mels made by Tacotron 2 (or FastPitch) drive a vocoder trained here.
+A training list may give a mel beside each clip (`clip.wav|clip.npy`, an (n_mel, frames) array, or a .pt
+tensor): training then reads that mel instead of computing one, e.g. to fine-tune on an acoustic model's
+ground-truth-aligned predictions.
 The mel and the dataset each build from a config's data_config in one call, TacotronSTFT.from_config(data_config,
 n_mel) and Mel2Samp.from_config(files, data_config, **options); config.load_config reads and checks the file.
 
@@ -11,7 +14,9 @@ n_mel) and Mel2Samp.from_config(files, data_config, **options); config.load_conf
 import argparse
 import concurrent.futures
 import logging
+import math
 import os
+import pickle
 import sys
 import zlib
 from collections import Counter
@@ -25,6 +30,8 @@ from config import load_config
 
 MAX_WAV_VALUE = 32768.0
 AUDIO_EXTENSIONS = (".wav", ".flac")
+MEL_EXTENSIONS = (".npy", ".pt")  # a list line's second field names a mel only with one of these endings
+SILENT_LOG_MEL = math.log(1e-5)   # the log mel of silence: TacotronSTFT's clamp floor
 logger = logging.getLogger("mel2samp")
 _already_warned = set()  # a corpus of stereo or 44.1 kHz files says so once per process, not once per read
 
@@ -155,36 +162,98 @@ def _audio_files_in(folder):
             if name.lower().endswith(AUDIO_EXTENSIONS)]
 
 
-def files_to_list(filename_or_folder, data_root=None):
-    """Audio paths from a list file (`path` or Tacotron 2 `path|text` lines) or a folder (see _audio_files_in).
+def _list_line(line):
+    """(audio path, mel path or None) of one list line: `path`, Tacotron 2's `path|text` or `path|mel.npy`."""
+    fields = [field.strip() for field in line.split("|")]
+    mel = fields[1] if len(fields) > 1 and fields[1].lower().endswith(MEL_EXTENSIONS) else None
+    return fields[0], mel
 
-    Relative paths resolve against `data_root` if given, else the list's own folder; a path found only
-    relative to the working directory (upstream's convention) is accepted too. Returns absolute paths.
+
+def list_entries(filename_or_folder, data_root=None):
+    """(audio path, given mel path or None) pairs of a list file or a folder, both absolute (see files_to_list).
+
+    A line's second field is a mel when it ends in .npy or .pt (anything else, a transcript, is ignored);
+    relative mel paths resolve like the audio paths.
     """
     source = str(filename_or_folder)
     if os.path.isdir(source):
-        paths, base = _audio_files_in(os.path.abspath(source)), None
+        entries, base = [(p, None) for p in _audio_files_in(os.path.abspath(source))], None
     elif os.path.basename(source) == "metadata.csv":
-        paths, base = _audio_files_in(os.path.dirname(os.path.abspath(source))), None
+        entries, base = [(p, None) for p in _audio_files_in(os.path.dirname(os.path.abspath(source)))], None
     elif os.path.isfile(source):
         # Bytes that are not UTF-8 (a file name in another encoding, a Latin-1 transcript) pass through as
         # surrogates, which the os functions turn back into the same bytes: such a file is found, not a crash.
         with open(source, encoding="utf-8", errors="surrogateescape") as f:
-            paths = [line.split("|")[0].strip() for line in f if line.strip()]
+            entries = [_list_line(line) for line in f if line.strip()]
         base = os.path.dirname(os.path.abspath(source))
     else:
-        raise FileNotFoundError(f"file list {source} not found: give a list of audio paths, "
-                                f"a Tacotron 2 'path|text' list, or an LJ-Speech folder")
-    if not paths:
+        raise FileNotFoundError(f"file list {source} not found: give a list of audio paths, a Tacotron 2 "
+                                f"'path|text' list, an 'audio|mel.npy' list or an LJ-Speech folder")
+    if not entries:
         raise ValueError(f"{source} lists no audio files")
     base = os.path.abspath(data_root) if data_root else base
-    resolved = []
-    for path in paths:
+
+    def resolve(path):
         if not os.path.isabs(path):
             candidate = os.path.join(base, path)
             path = path if not os.path.exists(candidate) and os.path.exists(path) else candidate
-        resolved.append(os.path.abspath(path))
-    return resolved
+        return os.path.abspath(path)
+    return [(resolve(audio), resolve(mel) if mel else None) for audio, mel in entries]
+
+
+def files_to_list(filename_or_folder, data_root=None):
+    """Audio paths from a list file (`path`, Tacotron 2 `path|text` or `path|mel.npy` lines) or a folder
+    (see _audio_files_in).
+
+    Relative paths resolve against `data_root` if given, else the list's own folder; a path found only
+    relative to the working directory (upstream's convention) is accepted too. Returns absolute paths.
+    """
+    return [audio for audio, _ in list_entries(filename_or_folder, data_root)]
+
+
+def mel_layout_problem(shape, n_mel_channels):
+    """What is wrong with a given mel of `shape` (None if it is (n_mel_channels, frames) or (1, n_mel, frames))."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 2:
+        return f"mel of shape {shape}: expected (n_mel_channels={n_mel_channels}, frames)"
+    if shape[0] == n_mel_channels:
+        return None
+    if shape[1] == n_mel_channels:
+        return (f"mel of shape {shape} is time-major (frames, bands): save it band-major, "
+                f"({n_mel_channels}, frames), e.g. np.save(path, mel.T)")
+    return (f"mel has {shape[0]} bands (shape {shape}) but waveglow_config.n_mel_channels is {n_mel_channels}: "
+            f"make the mels with {n_mel_channels} bands, as the vocoder takes them")
+
+
+def _read_mel_file(path):
+    """The tensor in a .npy (numpy.save) or .pt (torch.save) file, as saved; never unpickles arbitrary objects."""
+    try:
+        if path.lower().endswith(".npy"):
+            mel = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            mel = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise AudioError(path, f"cannot read it as a mel (a .npy array or a torch.save'd tensor): {problem}") from None
+    if not isinstance(mel, torch.Tensor) or not mel.is_floating_point():
+        kind = f"a {mel.dtype} array" if isinstance(mel, torch.Tensor) else f"a {type(mel).__name__}"
+        raise AudioError(path, f"holds {kind}, not a floating-point (n_mel_channels, frames) mel")
+    return mel
+
+
+def load_given_mel(path, n_mel_channels):
+    """A mel saved beside its clip (.npy or .pt) as an (n_mel, frames) float32 tensor.
+    Raises AudioError naming the file and the problem (for a wrong layout, with how to fix it)."""
+    mel = _read_mel_file(path)
+    problem = mel_layout_problem(mel.shape, n_mel_channels)
+    if problem:
+        raise AudioError(path, problem)
+    mel = mel.reshape(mel.shape[-2:]).float()
+    if not torch.isfinite(mel).all():
+        raise AudioError(path, "mel contains NaN or infinite values")
+    return mel
 
 
 def _check_header(path, sampling_rate, min_samples):
@@ -209,24 +278,36 @@ class Mel2Samp(torch.utils.data.Dataset):
     a pure function of (seed, rank, epoch, i), so it is reproducible on resume and independent of the
     DataLoader's worker count. Bad files: skip_bad_files=True drops files whose header is bad at construction
     and replaces items that fail when read (counted in .skipped); strict=True raises instead.
+
+    Given mels (`audio|mel.npy` list lines, or (audio, mel) pairs in a list): the audio crop starts on a
+    frame boundary, start = m * hop, and the mel crop is the given mel's frames m .. m + segment_length // hop,
+    the frames get_mel of the crop would have (frame i centred at sample i * hop). A given mel must have
+    1 + samples // hop frames, give or take one; one that does not is a bad file.
     """
 
     def __init__(self, training_files, segment_length, filter_length, hop_length, win_length, sampling_rate,
                  mel_fmin, mel_fmax, *, n_mel_channels=80, data_root=None, deterministic=False, seed=1234,
                  rank=0, skip_bad_files=True, strict=False, resample=True):
-        if isinstance(training_files, (list, tuple)):
+        if isinstance(training_files, (list, tuple)):  # paths, or (audio, mel) pairs
             root = os.path.abspath(data_root or ".")
-            self.audio_files = [os.path.abspath(os.path.join(root, str(p))) for p in training_files]
+            pairs = [(item, None) if isinstance(item, (str, os.PathLike)) else tuple(item) for item in training_files]
+            entries = [tuple(os.path.abspath(os.path.join(root, str(p))) if p else None for p in pair)
+                       for pair in pairs]
         else:
-            self.audio_files = files_to_list(training_files, data_root)
+            entries = list_entries(training_files, data_root)
+        self.audio_files = [audio for audio, _ in entries]
+        self.mel_files = [mel for _, mel in entries]  # None: computed from the audio
+        self.n_mel_channels = n_mel_channels
         self.segment_length, self.hop_length, self.sampling_rate = segment_length, hop_length, sampling_rate
         self.deterministic, self.seed, self.rank, self.epoch = deterministic, seed, rank, 0
         self.skip_bad_files, self.strict, self.resample = skip_bad_files, strict, resample
         self.stft = TacotronSTFT(filter_length, hop_length, win_length, n_mel_channels, sampling_rate,
                                  mel_fmin, mel_fmax)
         self.dropped = 0
+        source = training_files if isinstance(training_files, (str, os.PathLike)) else "the list"
         if skip_bad_files or strict:
-            self._drop_bad_headers(training_files if isinstance(training_files, (str, os.PathLike)) else "the list")
+            self._drop_bad_headers(source)
+        self._check_first_given_mel(source)
         # one flag per file in shared memory, so DataLoader workers' read-time failures count in the parent
         self._failed = torch.zeros(len(self.audio_files), dtype=torch.uint8).share_memory_()
 
@@ -239,7 +320,9 @@ class Mel2Samp(torch.utils.data.Dataset):
                    data_config["mel_fmin"], data_config["mel_fmax"], **options)
 
     def _drop_bad_headers(self, source):
-        problems = [(p, _check_header(p, self.sampling_rate, self.hop_length)) for p in self.audio_files]
+        problems = [(p, _check_header(p, self.sampling_rate, self.hop_length) or
+                     (f"its mel {m} not found" if m and not os.path.isfile(m) else None))
+                    for p, m in zip(self.audio_files, self.mel_files, strict=True)]
         if not self.resample:  # a corpus at the wrong rate is a setup mistake, not a bad file to skip
             rates = [(p, sf.info(_soundfile_path(p)).samplerate) for p, problem in problems if not problem]
             wrong = [f"{p} ({rate} Hz)" for p, rate in rates if rate != self.sampling_rate]
@@ -253,11 +336,27 @@ class Mel2Samp(torch.utils.data.Dataset):
                   "; ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         if self.strict:
             raise AudioError(source, summary)
-        self.audio_files = [p for p, problem in problems if not problem]
+        kept = [i for i, (_, problem) in enumerate(problems) if not problem]
+        self.audio_files = [self.audio_files[i] for i in kept]
+        self.mel_files = [self.mel_files[i] for i in kept]
         self.dropped = len(bad)
         logger.warning(f"{source}: skipping {summary}")
         if not self.audio_files:
             raise AudioError(source, "no usable audio files left: " + summary)
+
+    def _check_first_given_mel(self, source):
+        """Mels saved time-major or with another band count are a mistake of the whole list, not of one file:
+        the first given mel's layout says so before training starts."""
+        first = next((m for m in self.mel_files if m), None)
+        if first is None:
+            return
+        try:
+            shape = _read_mel_file(first).shape
+        except AudioError:
+            return  # unreadable: a bad file like any other, found when it is read
+        problem = mel_layout_problem(shape, self.n_mel_channels)
+        if problem:
+            raise AudioError(first, f"{problem} (the first given mel of {source})")
 
     @property
     def skipped(self):
@@ -277,15 +376,28 @@ class Mel2Samp(torch.utils.data.Dataset):
             raise AudioError(path, f"{audio.numel()} samples, shorter than one hop ({self.hop_length})")
         return audio
 
-    def _crop_start(self, index, path, length):
-        span = length - self.segment_length + 1
+    def _load_given_mel(self, path, audio_path, samples):
+        """The given mel of a clip of `samples` samples, checked to fit it; one frame short gets its last again."""
+        mel = load_given_mel(path, self.n_mel_channels)  # (n_mel, frames)
+        expected = 1 + samples // self.hop_length
+        if abs(mel.shape[1] - expected) > 1:
+            raise AudioError(path, f"{mel.shape[1]} mel frames, but its audio {audio_path} ({samples} samples) "
+                                   f"makes {expected} at hop {self.hop_length}: a mel of other audio, or of "
+                                   f"another hop_length or sampling_rate")
+        if mel.shape[1] < expected:
+            mel = torch.cat([mel, mel[:, -1:]], dim=1)
+        return mel
+
+    def _crop_start(self, index, path, positions):
+        """One of `positions` crop positions, 0 .. positions - 1."""
         if self.deterministic:  # keyed by file name, so dropping or reordering files leaves other crops alone
             key = [self.seed, zlib.crc32(os.path.basename(path).encode())]
         else:
             key = [self.seed, self.rank, self.epoch, index]
-        return int(np.random.default_rng(key).integers(0, span))
+        return int(np.random.default_rng(key).integers(0, positions))
 
-    def __getitem__(self, index):
+    def _read_item(self, index):
+        """(file number, audio, given mel or None) of item `index`: a later file where one is bad and skipped."""
         n, last_error = len(self.audio_files), None
         for attempt in range(n):
             i = (index + attempt) % n
@@ -293,16 +405,35 @@ class Mel2Samp(torch.utils.data.Dataset):
                 continue
             try:
                 audio = self._load(self.audio_files[i])
-                break
+                mel = self._load_given_mel(self.mel_files[i], self.audio_files[i], audio.numel()) \
+                    if self.mel_files[i] else None
+                return i, audio, mel
             except AudioError as error:
                 if self.strict or not self.skip_bad_files:
                     raise
                 self._failed[i], last_error = 1, error
                 logger.warning(f"skipping {error} (item {index} takes another file)")
-        else:
-            raise AudioError(self.audio_files[index], f"no listed file could be loaded (last: {last_error})")
+        raise AudioError(self.audio_files[index], f"no listed file could be loaded (last: {last_error})")
+
+    def _crop_with_given_mel(self, index, path, audio, mel):
+        """The audio crop, starting on a frame boundary, and the given mel's frames get_mel of it would have."""
+        hop, frames = self.hop_length, 1 + self.segment_length // self.hop_length
         if audio.numel() >= self.segment_length:
-            start = self._crop_start(index, self.audio_files[i], audio.numel())
+            first_frame = self._crop_start(index, path, (audio.numel() - self.segment_length) // hop + 1)
+            audio = audio[first_frame * hop:first_frame * hop + self.segment_length]
+            mel = mel[:, first_frame:first_frame + frames]
+        else:  # zero-padded audio: silent frames after the clip's own
+            audio = torch.nn.functional.pad(audio, (0, self.segment_length - audio.numel()))
+            mel = mel[:, :frames]
+            mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[1]), value=SILENT_LOG_MEL)
+        return mel.contiguous(), audio / MAX_WAV_VALUE
+
+    def __getitem__(self, index):
+        i, audio, mel = self._read_item(index)
+        if mel is not None:
+            return self._crop_with_given_mel(index, self.audio_files[i], audio, mel)
+        if audio.numel() >= self.segment_length:
+            start = self._crop_start(index, self.audio_files[i], audio.numel() - self.segment_length + 1)
             audio = audio[start:start + self.segment_length]
         else:
             audio = torch.nn.functional.pad(audio, (0, self.segment_length - audio.numel()))

@@ -8,13 +8,14 @@ Configuration is data: config.json, then command-line flags on top (the Ascend p
 and their double-dash forms); config.py holds every key, its default and its flag. The resolved configuration
 is written to {output_directory}/config.json and into every checkpoint. Rank 0 prints the lines the launchers grep:
 
-    {iteration}:\tloss:{loss}\ttime:{seconds}\t      loss averaged over all ranks, seconds of this iteration
+    {iteration}:\tloss:{loss}\ttime:{seconds}\t      loss averaged over ranks and micro-batches, seconds of this update
     Epoch {epoch} FPS:{fps}                          clips/s over all ranks, timed from the epoch's 5th iteration
     Epoch {epoch} samples/s:{rate}                   the same as output audio samples/s (DeepLearningExamples' unit)
     Validation loss {iteration}: {loss}              NLL of the held-out list (validation_files)
 
 The file reads top to bottom: set_up() builds a Run (device, model, optimizer, the Precision from
-distributed.py, data, the Progress to resume from); train_step() is one batch's forward, backward and step;
+distributed.py, data, the Progress to resume from); train_step() is one update: forward and backward over
+grad_accum_steps micro-batches of batch_size clips, then the step (an iteration is one update);
 save_checkpoint_for_run() and validate() do the periodic work; train() is the loop and finish() its end.
 
 Signals: SIGTERM or SIGINT finish the current step, save a checkpoint and exit (code 0 for SIGTERM,
@@ -38,11 +39,13 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, remove_interrupted_saves,
@@ -119,7 +122,10 @@ def kill_leftover_workers():
 
 
 def epoch_loader(dataset, sampler, epoch, skip_batches, batch_size, workers, pin_memory):
-    """The epoch's batches, after the first `skip_batches` (exact resume in the middle of an epoch)."""
+    """The epoch's batches, after the first `skip_batches` (exact resume in the middle of an epoch).
+
+    One batch is one update's clips on this rank (batch_size x grad_accum_steps); train_step cuts it into
+    micro-batches, so the clips and crops of an update do not depend on how it is accumulated."""
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)  # crops are a function of (seed, rank, epoch, index)
     indices = list(sampler)[skip_batches * batch_size:]
@@ -170,8 +176,8 @@ class Run:
     clip_norm: float
     trainset: Mel2Samp
     sampler: DistributedSampler
-    batches_per_epoch: int
-    global_batch: int            # clips per iteration over all ranks
+    batches_per_epoch: int       # updates (iterations) per epoch
+    global_batch: int            # clips per iteration (update) over all ranks and micro-batches
     val_loader: Optional[DataLoader]
     writer: object               # a tensorboardX SummaryWriter (rank 0, with_tensorboard) or None
     log: Callable[[str], None]
@@ -206,10 +212,12 @@ def training_data(config, rank, world_size):
     tc, data = config["train_config"], config["data_config"]
     trainset = make_dataset(data["training_files"], config, rank)  # raises naming the list or file
     sampler = DistributedSampler(trainset, num_replicas=world_size, rank=rank, shuffle=True, seed=tc["seed"])
-    batches_per_epoch = len(sampler) // tc["batch_size"]
+    batches_per_epoch = len(sampler) // (tc["batch_size"] * tc["grad_accum_steps"])  # updates per epoch
     if batches_per_epoch == 0:
+        accumulation = f" x {tc['grad_accum_steps']} grad_accum_steps" if tc["grad_accum_steps"] > 1 else ""
         raise ConfigError(f"{data['training_files']} has {len(trainset)} usable clips, fewer than one global batch "
-                          f"(batch_size {tc['batch_size']} x {world_size} processes): lower batch_size or add data")
+                          f"(batch_size {tc['batch_size']} x {world_size} processes{accumulation}): lower batch_size "
+                          f"{'or grad_accum_steps ' if accumulation else ''}or add data")
     return trainset, sampler, batches_per_epoch
 
 
@@ -298,7 +306,7 @@ def set_up(config, rank_flag=None, group_name=""):
         torch.backends.cudnn.benchmark = True  # fixed training shapes: cuDNN times its algorithms once
     model, criterion, optimizer = build_model(config, device, precision)
     trainset, sampler, batches_per_epoch = training_data(config, rank, world_size)
-    global_batch = tc["batch_size"] * world_size
+    global_batch = tc["batch_size"] * world_size * tc["grad_accum_steps"]  # clips per update
     val_loader = validation_loader(config)
     progress = Progress()
     if tc["checkpoint_path"]:
@@ -329,29 +337,46 @@ def log_set_up(run, group_name):
         run.log(f"note: {run.precision.note}")
     if group_name:
         run.log(f"note: group name {group_name!r} (upstream's -g) is accepted for compatibility; torch needs none")
-    run.log(f"{len(run.trainset)} training clips, global batch {run.config['train_config']['batch_size']} x "
-            f"{world_size} = {run.global_batch} clips of {data['segment_length']} samples, "
-            f"{run.batches_per_epoch} iterations per epoch")
+    tc = run.config["train_config"]
+    accumulation = f" x {tc['grad_accum_steps']} micro-batches" if tc["grad_accum_steps"] > 1 else ""
+    run.log(f"{len(run.trainset)} training clips, global batch {tc['batch_size']} x {world_size}{accumulation} = "
+            f"{run.global_batch} clips of {data['segment_length']} samples, {run.batches_per_epoch} iterations "
+            f"per epoch")
 
 
 # ---------------------------------------------------------------------------------------------------
 # One step, and the work between steps.
 
 def train_step(run, stop, mel, audio):
-    """One batch: forward, backward and the step, skipped when not finite.
+    """One update on this rank's batch_size x grad_accum_steps clips: forward and backward per micro-batch of
+    batch_size clips, their gradients summed, then one step, skipped when not finite.
 
-    Returns (loss averaged over ranks, gradient norm, finite, stop votes: ranks that caught a signal).
+    Each micro-batch's loss is divided by the number of micro-batches: the loss is a mean over clips and samples,
+    so the summed gradients are those of the whole batch at once. DDP all-reduces them once, in the last backward.
+    Returns (loss averaged over micro-batches and ranks, gradient norm, finite, stop votes: ranks that caught
+    a signal).
     """
-    mel, audio = mel.to(run.device, non_blocking=True), audio.to(run.device, non_blocking=True)
+    batch_size = run.config["train_config"]["batch_size"]
+    micro_batches = list(zip(mel.split(batch_size), audio.split(batch_size), strict=True))  # (B, n_mel, F), (B, T)
+    count = len(micro_batches)
     run.optimizer.zero_grad(set_to_none=True)
-    with run.precision.autocast():
-        loss = run.criterion(run.model((mel, audio)))
-    grad_norm = run.precision.backward(loss, run.optimizer, run.parameters, run.clip_norm)
-    # One host sync per step, for the log line and the skip decision together: the loss summed over ranks
+    losses = []
+    for number, (micro_mel, micro_audio) in enumerate(micro_batches, start=1):
+        micro_mel = micro_mel.to(run.device, non_blocking=True)
+        micro_audio = micro_audio.to(run.device, non_blocking=True)
+        local_only = number < count and isinstance(run.model, DistributedDataParallel)
+        with run.model.no_sync() if local_only else nullcontext():
+            with run.precision.autocast():
+                loss = run.criterion(run.model((micro_mel, micro_audio)))
+            run.precision.accumulate(loss / count if count > 1 else loss, run.optimizer, last=number == count)
+        losses.append(loss.detach().float())
+    grad_norm = run.precision.unscale_and_clip(run.optimizer, run.parameters, run.clip_norm)
+    # One host sync per update, for the log line and the skip decision together: the loss summed over ranks
     # (averaged below), the gradient norm (the same on every rank after DDP's all-reduce) and the stop votes,
-    # so that every rank skips or stops at the same step.
+    # so that every rank skips or stops at the same step. A non-finite micro-batch loss makes the mean non-finite.
     stop_vote = torch.full((), float(stop.signal_name is not None), device=run.device)
-    totals = all_reduce_sum(torch.stack([loss.detach().float(), stop_vote]))
+    mean_loss = losses[0] if count == 1 else torch.stack(losses).mean()
+    totals = all_reduce_sum(torch.stack([mean_loss, stop_vote]))
     loss_sum, stop_votes, norm = torch.cat([totals, grad_norm.detach().float().view(1)]).tolist()
     loss_value = loss_sum / run.world_size
     finite = math.isfinite(loss_value) and math.isfinite(norm)
@@ -488,8 +513,8 @@ def train(config, rank_flag=None, group_name=""):
     run.model.train()
     with StopRequest() as stop:
         for epoch in range(progress.epoch, tc["epochs"] if stop_reason is None else progress.epoch):
-            loader = epoch_loader(run.trainset, run.sampler, epoch, skip_batches, tc["batch_size"], tc["workers"],
-                                  run.device.type == "cuda")
+            loader = epoch_loader(run.trainset, run.sampler, epoch, skip_batches,
+                                  tc["batch_size"] * tc["grad_accum_steps"], tc["workers"], run.device.type == "cuda")
             progress.epoch, progress.batches_done, step_seconds = epoch, skip_batches, []
             tick = time.perf_counter()
             for batch_number, (mel, audio) in enumerate(loader, start=skip_batches + 1):

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 
 # The parameters every launcher takes. Empty means "the config's or the recipe's value"; a launcher sets
 # its recipe values after sourcing this file and lists in also_accepted the parameters it takes beyond
-# these (amp_dtype, compile, nproc, case_kind).
+# these (amp_dtype, compile, nproc, case_kind, training_files, validation_files).
 # shellcheck disable=SC2034  # read by the launcher that sources this file
 {
     data_path=""
@@ -33,6 +33,7 @@ python=${PYTHON:-python3}
     n_test=10  # the test split: the first n_test files in sorted order
     amp_dtype=""
     compile=""
+    grad_accum_steps=""  # micro-batches per update (train.py's -grad_accum_steps), in every training launcher
     also_accepted=""
 }
 
@@ -64,7 +65,9 @@ parse_parameters() {
             --step_stop=*)            step_stop=${para#*=} ;;
             --seed=*)                 seed=${para#*=} ;;
             --n_test=*)               n_test=${para#*=} ;;
-            --amp_dtype=*|--compile=*|--nproc=*|--case_kind=*)  # only in the launchers that list them
+            --grad_accum_steps=*)     grad_accum_steps=${para#*=} ;;
+            --amp_dtype=*|--compile=*|--nproc=*|--case_kind=*|--training_files=*|--validation_files=*)
+                # only in the launchers that list them
                 name=${para%%=*}
                 name=${name#--}
                 [[ " $also_accepted " == *" $name "* ]] || unknown_parameter "$para"
@@ -130,9 +133,10 @@ make_file_lists() {
 
 # append_train_flags NAME...: for each NAME whose shell variable is set and not empty, append train.py's
 # flag "-NAME value" to the array cmd (a parameter left out keeps the config's or the recipe's value).
+# grad_accum_steps goes with every training launcher's flags.
 append_train_flags() {
     local name
-    for name in "$@"; do
+    for name in "$@" grad_accum_steps; do
         if [[ ${!name} != "" ]]; then
             cmd+=("-$name" "${!name}")
         fi
@@ -173,7 +177,8 @@ summarise_training() {
     echo "Final Train Accuracy : ${train_accuracy}"
     echo "E2E Training Duration sec : $e2e_time"
 
-    training_time=$(awk "BEGIN {printf \"%.2f\", ${BatchSize} * ${RANK_SIZE} * 1000 / ${fps}}")  # ms per iteration
+    # ms per iteration (one update of batch x processes x accumulation steps clips)
+    training_time=$(awk "BEGIN {printf \"%.2f\", ${BatchSize} * ${RANK_SIZE} * ${grad_accum_steps:-1} * 1000 / ${fps}}")
     {
         echo "Network = ${Network}"
         echo "RankSize = ${RANK_SIZE}"
