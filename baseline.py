@@ -13,12 +13,12 @@ from torch import nn
 class BaselineWaveGlow(nn.Module):
     """The same WaveGlow math written the plain way, in float32: the yardstick for our speed-ups."""
 
-    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
+    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config, *, hop_length=256):
         super().__init__()
         weight_norm = torch.nn.utils.parametrizations.weight_norm
         C, L, k = WN_config["n_channels"], WN_config["n_layers"], WN_config["kernel_size"]
         self.n_group, self.n_early_every, self.n_early_size, self.C, self.L = n_group, n_early_every, n_early_size, C, L
-        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 1024, stride=256)
+        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 4 * hop_length, stride=hop_length)
         self.WN, self.convinv = nn.ModuleList(), nn.ModuleList()
         remaining = n_group
         for flow in range(n_flows):

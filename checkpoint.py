@@ -19,12 +19,14 @@ from collections import OrderedDict
 
 import torch
 
-from glow import WaveGlow, remove_weightnorm
+from config import MEL_KEYS
+from glow import DEFAULT_HOP_LENGTH, UPSAMPLE_KERNEL_PER_HOP, WaveGlow, remove_weightnorm
 from legacy_checkpoints import (CheckpointError, conv1d_weight, foreign_state_dict, is_pickled_module, is_tensor_dict,
                                 layer_indices, merge_split_layers, read_without_running_code)
 
 FORMAT_NAME = "waveglow-pytorch"
 FORMAT_VERSION = 1
+UPSTREAM_SAMPLING_RATE = 22050  # what other flavours' models with upstream's hop of 256 were trained at
 TEMP_SUFFIX = ".tmp"  # save_checkpoint writes ".<name>.<random>.tmp" first, then renames it to <name>
 
 
@@ -197,7 +199,40 @@ def waveglow_config_from_state_dict(state_dict):
             "WN_config": {"n_layers": n_layers, "n_channels": n_channels, "kernel_size": kernel_size}}
 
 
-def _model_config(checkpoint, path):
+def hop_length_from_state_dict(state_dict):
+    """The hop (audio samples per mel frame) of any flavour's weights: the upsampler's kernel is 4 x its stride."""
+    kernel = state_dict["upsample.weight"].shape[-1]
+    if kernel % UPSAMPLE_KERNEL_PER_HOP:
+        raise ValueError(f"its upsampler's kernel of {kernel} taps is not {UPSAMPLE_KERNEL_PER_HOP} x a hop length")
+    return kernel // UPSAMPLE_KERNEL_PER_HOP
+
+
+def _recorded_data_config(checkpoint):
+    config = checkpoint.get("config")
+    data = config.get("data_config") if isinstance(config, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def checkpoint_audio(checkpoint, path="checkpoint"):
+    """{'sampling_rate', 'hop_length'} of a loaded checkpoint's model. The hop is read off the weights (any
+    flavour's upsampler tells it); the rate is what the checkpoint records (ours: its config), else 22050 Hz for
+    the upstream hop of 256 (every other flavour's published models), else None: unknown."""
+    try:
+        hop = hop_length_from_state_dict(checkpoint["model"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    rate = _recorded_data_config(checkpoint).get("sampling_rate")
+    source_config = checkpoint.get("source_config")
+    if rate is None and isinstance(source_config, dict):
+        rate = source_config.get("sampling_rate")
+    if rate is None and hop == DEFAULT_HOP_LENGTH:
+        rate = UPSTREAM_SAMPLING_RATE
+    return {"sampling_rate": int(rate) if rate is not None else None, "hop_length": hop}
+
+
+def waveglow_config_of(checkpoint, path="checkpoint"):
+    """The checkpoint's WaveGlow constructor arguments (without the hop): recorded in its config, else read
+    off the weights (other flavours)."""
     config = checkpoint.get("config")
     if isinstance(config, dict) and isinstance(config.get("waveglow_config"), dict):
         return config["waveglow_config"]
@@ -208,12 +243,18 @@ def _model_config(checkpoint, path):
 
 
 def build_model(checkpoint, path="checkpoint"):
-    """A glow.WaveGlow (weight norm unfolded, training mode, CPU) holding the checkpoint's weights exactly."""
-    config = _model_config(checkpoint, path)
+    """A glow.WaveGlow (weight norm unfolded, training mode, CPU) holding the checkpoint's weights exactly, at
+    the hop its upsampler was made for."""
+    config = waveglow_config_of(checkpoint, path)
+    hop = checkpoint_audio(checkpoint, path)["hop_length"]
+    recorded_hop = _recorded_data_config(checkpoint).get("hop_length")
+    if recorded_hop is not None and recorded_hop != hop:
+        raise CheckpointError(f"{path}: its config records hop_length {recorded_hop}, but its upsampler is made "
+                              f"for hop {hop}; the file is inconsistent (edited by hand?)")
     try:
-        model = WaveGlow(**config)
+        model = WaveGlow(**config, hop_length=hop)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its WaveGlow config {config} is not valid: {error}") from None
+        raise CheckpointError(f"{path}: its WaveGlow config {config} (hop {hop}) is not valid: {error}") from None
     try:
         model.load_state_dict(checkpoint["model"], strict=True)  # never a silent partial load
     except RuntimeError as error:
@@ -224,6 +265,110 @@ def build_model(checkpoint, path="checkpoint"):
                               f"this a WaveGlow checkpoint of another architecture, or a config that does not "
                               f"match it?") from None
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitting a checkpoint to a configured model (train.py's resume and warm start)
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint whose weights do not fit the configured model; the message names the config keys that differ,
+    `keys` lists them."""
+
+    def __init__(self, message, keys):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _shape_in(state_dict, name):
+    """The shape `name` of a model would get from `state_dict`, where weight norm may be folded on either side."""
+    if name in state_dict:
+        return tuple(state_dict[name].shape)
+    prefix, _, leaf = name.rpartition(".")
+    plain, direction = state_dict.get(prefix + ".weight"), state_dict.get(prefix + ".weight_v")
+    if leaf == "weight_v" and plain is not None:
+        return tuple(plain.shape)
+    if leaf == "weight_g" and plain is not None:
+        return (plain.shape[0],) + (1,) * (plain.dim() - 1)
+    if leaf == "weight" and direction is not None:
+        return tuple(direction.shape)
+    return None
+
+
+def misfits(model, state_dict):
+    """Names of the model's tensors that `state_dict` has none of the same shape for, then of the state dict's
+    tensors the model has no place for (e.g. extra flows)."""
+    expected = model.state_dict()
+    missing = [name for name, tensor in expected.items() if _shape_in(state_dict, name) != tuple(tensor.shape)]
+    places = {name.rpartition(".")[0] + leaf for name in expected for leaf in (".weight", ".weight_g", ".weight_v")}
+    return missing + [name for name in state_dict if name not in expected and name not in places]
+
+
+def _without_unused_exits(waveglow_config):
+    # a model whose flows never reach an early exit is the same whatever n_early_every and n_early_size say;
+    # written as the weights read (waveglow_config_from_state_dict), so that no difference is reported there
+    config = dict(waveglow_config)
+    n_flows, every = config.get("n_flows"), config.get("n_early_every")
+    if isinstance(n_flows, int) and isinstance(every, int) and every > 0 and (
+            (n_flows - 1) // every == 0 or config.get("n_early_size") == 0):
+        config.update(n_early_every=n_flows, n_early_size=0)
+    return config
+
+
+def _differences(where, ours, theirs):
+    """(where.key, 'where.key is A in the checkpoint, B in the config') for each key whose values differ (nested
+    dicts too)."""
+    lines = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _differences(f"{where}.{key}", a, b)
+        elif a != b:
+            lines.append((f"{where}.{key}", f"{where}.{key} is {a!r} in the checkpoint, {b!r} in the config"))
+    return lines
+
+
+def mismatch(checkpoint, path, config, model, compare_hop=True):
+    """CheckpointMismatch whose one line names the config keys with values other than the checkpoint's (the
+    waveglow_config, recorded or read off other flavours' weights, and the hop), else the first misfit tensors."""
+    ours = _without_unused_exits(waveglow_config_of(checkpoint, path))
+    differences = _differences("waveglow_config", ours, _without_unused_exits(config["waveglow_config"]))
+    hop = checkpoint_audio(checkpoint, path)["hop_length"]
+    if compare_hop and hop != config["data_config"]["hop_length"]:
+        differences.append(("data_config.hop_length", f"data_config.hop_length is {hop} in the checkpoint, "
+                                                      f"{config['data_config']['hop_length']} in the config"))
+    if not differences:
+        differences = [(name, f"{name} does not fit") for name in misfits(model, checkpoint["model"])[:4]]
+    return CheckpointMismatch(f"checkpoint {path} does not fit the config: " +
+                              "; ".join(line for _, line in differences), [key for key, _ in differences])
+
+
+def fit_weights(model, checkpoint, path, config, warm_start):
+    """(the checkpoint's weights for `model`, a line naming what was not taken or None); model and config are
+    the run's. A resume takes every tensor. A warm start takes every tensor but the upsampler's when the hop
+    changed (it then starts fresh: its kernel is 4 x the hop). Anything else that does not fit raises
+    CheckpointMismatch naming the config keys that differ, and nothing is ever dropped silently."""
+    state_dict = checkpoint["model"]
+    old_hop, new_hop = checkpoint_audio(checkpoint, path)["hop_length"], model.hop_length
+    note = None
+    if warm_start and old_hop != new_hop:
+        upsampler = [name for name in state_dict if name.startswith("upsample.")]
+        state_dict = {name: tensor for name, tensor in state_dict.items() if name not in upsampler}
+        note = f"{', '.join(upsampler)} not taken: hop {old_hop} -> {new_hop} (the upsampler starts fresh)"
+        problems = [name for name in misfits(model, state_dict) if not name.startswith("upsample.")]
+    else:
+        problems = misfits(model, state_dict)
+    if problems:
+        raise mismatch(checkpoint, path, config, model, compare_hop=not warm_start)
+    return state_dict, note
+
+
+def mel_setting_changes(checkpoint, path, data_config):
+    """One line naming the mel settings (config.MEL_KEYS but the hop, which fit_weights handles) that the config
+    changes from the checkpoint's, or None: the weights fit, but they learnt from other mels."""
+    recorded = {**checkpoint_audio(checkpoint, path), **_recorded_data_config(checkpoint)}
+    changes = [f"{key} {recorded[key]!r} -> {data_config[key]!r}" for key in MEL_KEYS
+               if key != "hop_length" and recorded.get(key) is not None and recorded[key] != data_config[key]]
+    return f"data_config changes the mel of {path}: {', '.join(changes)}" if changes else None
 
 
 def load_model(path, device="cpu", for_inference=True):
@@ -246,9 +391,11 @@ def convert(input_path, output_path):
     if checkpoint["flavour"] == FORMAT_NAME and checkpoint.get("format") == FORMAT_NAME:
         converted = {k: v for k, v in checkpoint.items() if k != "flavour"}
     else:
+        audio = checkpoint_audio(checkpoint, input_path)
+        data = {key: value for key, value in audio.items() if value is not None}  # the rate may be unknown
         converted = {"iteration": checkpoint["iteration"], "learning_rate": checkpoint["learning_rate"],
                      "optimizer": None, "scaler": None,
-                     "config": {"waveglow_config": _model_config(checkpoint, input_path)},
+                     "config": {"waveglow_config": waveglow_config_of(checkpoint, input_path), "data_config": data},
                      "converted_from": checkpoint["flavour"]}
     converted.update(model=model.state_dict(), format=FORMAT_NAME, format_version=FORMAT_VERSION)
     save_checkpoint(output_path, converted)

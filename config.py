@@ -169,9 +169,27 @@ def _check_ranges(config, sections):
 def _check_mel_settings(data):
     if data["win_length"] > data["filter_length"]:
         raise ConfigError(f"data_config.win_length {data['win_length']} exceeds filter_length {data['filter_length']}")
+    if data["hop_length"] > data["win_length"]:
+        raise ConfigError(f"data_config.hop_length {data['hop_length']} exceeds win_length {data['win_length']}: "
+                          f"the mel's frames would skip audio between them")
     if data["mel_fmax"] is not None and not data["mel_fmin"] < data["mel_fmax"] <= data["sampling_rate"] / 2:
         raise ConfigError(f"data_config.mel_fmax must lie above mel_fmin and at most half the sampling rate, "
                           f"got {data['mel_fmax']!r}")
+
+
+def n_groups_for_hop(hop_length):
+    """The n_group values a hop allows: even (each coupling halves the channels) and dividing the hop (a mel
+    frame's samples fold into whole groups). glow.py checks the same when it builds a model."""
+    return [g for g in range(2, hop_length + 1, 2) if hop_length % g == 0]
+
+
+def _check_n_group_fits_hop(n_group, hop_length):
+    # The upsampler's stride is data_config.hop_length (glow.WaveGlow's hop_length), and the model folds
+    # the upsampled mel into groups of n_group samples, so a frame must hold whole groups.
+    if isinstance(n_group, int) and n_group > 0 and (hop_length % n_group or n_group % 2):
+        raise ConfigError(f"waveglow_config.n_group {n_group} does not fit data_config.hop_length {hop_length}: "
+                          f"n_group must be even and divide the hop; values that work for hop {hop_length}: "
+                          f"{', '.join(map(str, n_groups_for_hop(hop_length)))}")
 
 
 def check_data_values(config):
@@ -196,11 +214,7 @@ def check_values(config):
     if not data["training_files"]:
         raise ConfigError("data_config.training_files is empty: give a file list or an LJ-Speech folder")
     _check_mel_settings(data)
-    from glow import UPSAMPLE_STRIDE  # here, not at the top: the mel scripts read configs without the model
-    if data["hop_length"] != UPSAMPLE_STRIDE:
-        raise ConfigError(f"data_config.hop_length must be {UPSAMPLE_STRIDE}, got {data['hop_length']}: the model's "
-                          f"upsampler turns each mel frame into {UPSAMPLE_STRIDE} samples, so mels of another hop "
-                          f"would not line up with the audio")
+    _check_n_group_fits_hop(model["n_group"], data["hop_length"])
     segment, n_group = data["segment_length"], model["n_group"]
     if isinstance(n_group, int) and n_group > 0 and segment % n_group:
         raise ConfigError(f"data_config.segment_length {segment} must be a multiple of waveglow_config.n_group "

@@ -15,8 +15,10 @@ import glow_fast
 
 compile_coupling_networks = glow_fast.compile_coupling_networks  # a speed tool, importable from here as ever
 
-UPSAMPLE_KERNEL = 1024  # the upsampler turns F mel frames into 256 * F + 768 samples
-UPSAMPLE_STRIDE = 256
+# The upsampler is a transposed convolution of stride hop_length and kernel 4 * hop_length: F mel frames become
+# hop * F + 3 * hop samples (upstream's 256 * F + 768), of which inference keeps the first hop * F.
+DEFAULT_HOP_LENGTH = 256  # upstream's, for 22050 Hz audio
+UPSAMPLE_KERNEL_PER_HOP = 4  # a model's own: model.hop_length, model.upsample.kernel_size[0]
 
 
 class WeightNormConv1d(nn.Module):
@@ -181,10 +183,16 @@ def gated_activation(x, n_channels):
 
 
 class WaveGlow(nn.Module):
-    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
+    """Upstream's constructor; hop_length (keyword only, default upstream's 256) is the audio samples per mel
+    frame: the upsampler's stride, with a kernel of 4 * hop_length."""
+
+    def __init__(self, n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config, *,
+                 hop_length=DEFAULT_HOP_LENGTH):
         super().__init__()
-        _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config)
-        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, UPSAMPLE_KERNEL, stride=UPSAMPLE_STRIDE)
+        _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config, hop_length)
+        self.hop_length = hop_length
+        self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, UPSAMPLE_KERNEL_PER_HOP * hop_length,
+                                           stride=hop_length)
         self.n_mel_channels = n_mel_channels
         self.n_flows = n_flows
         self.n_group = n_group
@@ -203,7 +211,7 @@ class WaveGlow(nn.Module):
         self.n_remaining_channels = n_remaining_channels  # channels left at the last flow
 
     def _upsample(self, spect):
-        # self.upsample(spect): (B, n_mel, F) -> (B, n_mel, 256*F + 768), as a matrix product on CPUs
+        # self.upsample(spect): (B, n_mel, F) -> (B, n_mel, hop*F + 3*hop), as a matrix product on CPUs
         return glow_fast.upsample(spect, self.upsample)
 
     def _group_mel(self, spect, n_samples):
@@ -223,11 +231,12 @@ class WaveGlow(nn.Module):
         n_samples = audio.size(1)
         if n_samples % self.n_group != 0:
             raise ValueError(f"audio length {n_samples} is not a multiple of n_group={self.n_group}")
-        available = UPSAMPLE_STRIDE * spect.size(2) + UPSAMPLE_KERNEL - UPSAMPLE_STRIDE
+        hop, kernel = self.hop_length, self.upsample.kernel_size[0]
+        available = hop * spect.size(2) + kernel - hop
         if available < n_samples:
             raise ValueError(f"mel of {spect.size(2)} frames covers {available} samples, fewer than the "
                              f"{n_samples} audio samples; the mel must have at least "
-                             f"{-(-(n_samples - UPSAMPLE_KERNEL + UPSAMPLE_STRIDE) // UPSAMPLE_STRIDE)} frames")
+                             f"{-(-(n_samples - kernel + hop) // hop)} frames (hop {hop})")
         spect = self._group_mel(self._upsample(spect), n_samples)  # (B, n_mel*g, T/g)
         audio = audio.unfold(1, self.n_group, self.n_group).permute(0, 2, 1)  # (B, g, T/g)
 
@@ -253,14 +262,14 @@ class WaveGlow(nn.Module):
 
     @torch.no_grad()
     def infer(self, spect, sigma=1.0, generator=None, seed=None):
-        """mel (B, n_mel, F) -> audio (B, 256*F) in the mel's dtype, on the mel's device.
+        """mel (B, n_mel, F) -> audio (B, hop_length*F) in the mel's dtype, on the mel's device.
 
         Pass a torch.Generator (on the mel's device) or an integer seed for reproducible noise.
         """
         self._check_mel(spect)
         if generator is None and seed is not None:
             generator = torch.Generator(device=spect.device).manual_seed(seed)
-        n_samples = UPSAMPLE_STRIDE * spect.size(2)
+        n_samples = self.hop_length * spect.size(2)
         if n_samples % self.n_group != 0:
             raise ValueError(f"{n_samples} output samples are not a multiple of n_group={self.n_group}")
         noise_dtype = torch.float32 if spect.dtype in (torch.float16, torch.bfloat16) else spect.dtype
@@ -313,10 +322,16 @@ def remove_weightnorm(model):
     return model
 
 
-def _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config):
+def _n_groups_for_hop(hop_length):
+    # even (the coupling halves the channels) and dividing the hop (a frame's samples fold into whole groups);
+    # config.n_groups_for_hop is the same for configs, which must not need torch to be checked
+    return [g for g in range(2, hop_length + 1, 2) if hop_length % g == 0]
+
+
+def _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config, hop_length):
     problems = []
     for name, value in (("n_mel_channels", n_mel_channels), ("n_flows", n_flows), ("n_group", n_group),
-                        ("n_early_every", n_early_every)):
+                        ("n_early_every", n_early_every), ("hop_length", hop_length)):
         if not isinstance(value, int) or value < 1:
             problems.append(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(n_early_size, int) or n_early_size < 0:
@@ -325,8 +340,9 @@ def _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size,
         raise ValueError("; ".join(problems))
     if n_group % 2 != 0:
         raise ValueError(f"n_group must be even, got {n_group}")
-    if UPSAMPLE_STRIDE % n_group != 0:
-        raise ValueError(f"n_group={n_group} must divide the upsampler stride {UPSAMPLE_STRIDE}")
+    if hop_length % n_group != 0:
+        raise ValueError(f"n_group={n_group} must divide the upsampler stride, the hop length {hop_length}; "
+                         f"values that do: {', '.join(map(str, _n_groups_for_hop(hop_length)))}")
     n_exits = (n_flows - 1) // n_early_every
     remaining = n_group - n_exits * n_early_size
     if remaining < 2:

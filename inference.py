@@ -7,6 +7,9 @@ The list holds mels, as `.pt` tensors or `.npy` arrays of shape (80, F) or (1, 8
 Tacotron 2 or FastPitch), and/or audio files, which are turned into mels first. Each input gives
 `<name without .pt/.npy>_synthesis.wav`, 16-bit PCM.
 File i of the list draws its noise from seed + i, so its audio does not depend on batching or chunking.
+A mel of F frames gives exactly hop x F samples (the checkpoint's hop, read off its upsampler), written at the
+checkpoint's sampling rate (or --sampling_rate). A mel file whose statistics look like another scale than the
+natural-log magnitude mel (log10, decibels, normalised) gets one warning naming it (mel_scale_problem).
 The mel settings for audio inputs and evaluation come from -c (read by config.load_config: unknown keys are
 refused), else the checkpoint's own config, else the repo's config.json (config.checkpoint_data_config).
 """
@@ -23,13 +26,13 @@ import torch
 from scipy.io import wavfile
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, checkpoint_audio, load_model
 from config import checkpoint_data_config
 from denoiser import Denoiser
 from distributed import autocast_dtype, select_device
 from evaluate import (SCORE_LABELS, copy_synthesis_score, json_safe, mean_scores, plot_mel_comparison,
                       require_score_packages, validation_nll, vocoder_scores)
-from glow import UPSAMPLE_STRIDE, compile_coupling_networks
+from glow import compile_coupling_networks
 from mel2samp import MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
 
 SILENCE = math.log(1e-5)  # the log-mel floor: what padding frames hold
@@ -49,7 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("-s", "--sigma", type=float, default=None,
                         help=f"noise scale (default 1.0, as upstream; {EVAL_SIGMA} in evaluation)")
     parser.add_argument("--sampling_rate", type=int, default=None,
-                        help="rate written into the wavs (default: the config's, 22050 for config.json)")
+                        help="rate written into the wavs (default: the checkpoint's; else -c's)")
     parser.add_argument("--is_fp16", action="store_true",
                         help="mixed precision: float16 autocast on CUDA/NPU, bfloat16 on CPU (see --amp_dtype)")
     parser.add_argument("--amp_dtype", choices=("auto", "float16", "bfloat16"), default="auto",
@@ -118,6 +121,58 @@ def load_mel(path, n_mel_channels):
     return mel
 
 
+EXPECTED_MEL = ("Tacotron 2's natural-log magnitude mel, log(clamp(mel, 1e-5)): about -11.5 (its floor) to 2, "
+                "mean -3 (loud) to -10 (mostly silence), std near 2")
+
+
+def mel_scale_problem(mel):
+    """(what it looks like, how to convert it) for a mel whose statistics are not those of a natural-log
+    magnitude mel, or None. Its min, max, mean and std only, so that any loudness and any share of silence pass.
+
+    Calibrated on LJ-Speech through TacotronSTFT: natural-log mels span the floor log(1e-5) = -11.51 to about 2
+    (2.4 for clips made 4x louder and clipped), mean -5 (-3 loud, -10.5 for clips mostly silence), std 1.8-3.4
+    (1.4 for the tests' synthetic clips); predicted mels go a little under the floor, none reaches 6; with a
+    floor of 1e-10 (-23) the std stays under 10. Of the same clips, log10 mels span its floor -5 to 0.9, std
+    0.8-1.5; decibels (20 log10) -100 to 18 (-80 to 0 relative to the maximum), std 16-30; min-max [0, 1];
+    mean-variance normalised: mean 0, std 1.
+    """
+    low, high, mean = mel.min().item(), mel.max().item(), mel.mean().item()
+    std = mel.std(unbiased=False).item()
+    if std < 1e-3:  # a constant mel: only its level can tell
+        return None if SILENCE - 1 <= mean <= 3 else (f"constant at {mean:.3g}", "check how it was made")
+    if low >= 0:
+        if high <= 1.001:
+            return "min-max normalised to [0, 1]", "undo the normalisation with the min and max it was made with"
+        return ("a linear (not log-compressed) mel, all values >= 0",
+                "take log(clamp(mel, min=1e-5)) of a magnitude mel (of a power mel, half that of clamp 1e-10)")
+    if low < -40 or (low < -20 and std > 10):  # no log floor in use goes under -28 (log 1e-12)
+        return ("in decibels (20 log10 of the magnitude, or 10 log10 of the power)",
+                "undo any reference-level shift, then multiply by ln(10) / 20 = 0.1151")
+    if low < -13:
+        return ("a log mel with a floor below log(1e-5)", f"clamp it at log(1e-5) = {SILENCE:.2f}, as in training")
+    if any(abs(high - bound) < 1e-3 and abs(low + bound) < 1e-3 for bound in (1, 4)):  # the usual such ranges
+        return (f"min-max normalised to [-{high:.0f}, {high:.0f}]",
+                "undo the normalisation with the range it was made with")
+    if abs(mean) < 0.75 and 0.6 < std < 1.6:
+        return "mean-variance normalised", "undo the normalisation with the mean and std it was made with"
+    at_log10_floor = abs(low - math.log10(1e-5)) < 0.05
+    narrow = std < 1.3 and -4.5 < mean and high - low < 6.5  # no floor reached: a log10 mel's narrow spread
+    if high <= 1.6 and mean < -0.75 and (at_log10_floor or narrow):
+        return "log10-compressed", "multiply it by ln(10) = 2.3026"
+    if high > 6:
+        return "beyond the range of a natural-log mel", "check how it was made"
+    return None
+
+
+def warn_of_mel_scale(path, mel):
+    problem = mel_scale_problem(mel)
+    if problem:
+        looks, hint = problem
+        print(f"warning: {path}: this mel looks {looks} (values {mel.min().item():.2f} to {mel.max().item():.2f}, "
+              f"mean {mel.mean().item():.2f}, std {mel.std(unbiased=False).item():.2f}), but the model takes "
+              f"{EXPECTED_MEL}; {hint}. Synthesising it as it is", file=sys.stderr)
+
+
 def mel_of_audio(path, stft):
     """(mel (n_mel, F), audio (T,) in [-1, 1]) of an audio file at the config's sample rate."""
     try:
@@ -129,9 +184,9 @@ def mel_of_audio(path, stft):
 
 
 def make_noise(model, frames, sigma, seed, device):
-    """z (1, n_group, 256 * frames / n_group) as model.infer(mel, sigma, seed=seed) draws it."""
+    """z (1, n_group, hop * frames / n_group) as model.infer(mel, sigma, seed=seed) draws it."""
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    steps = UPSAMPLE_STRIDE * frames // model.n_group
+    steps = model.hop_length * frames // model.n_group
     return torch.randn(1, model.n_group, steps, device=device, generator=generator) * sigma
 
 
@@ -154,13 +209,13 @@ def _fade_in(overlap_samples, device):
 
 
 def synthesize(model, mel, z, amp_dtype=None, max_frames=2000, overlap=32):
-    """mel (B, n_mel, F), z (B, g, 256F/g) -> audio (B, 256F) float32; long mels in crossfaded chunks."""
-    frames = mel.size(2)
+    """mel (B, n_mel, F), z (B, g, hop F/g) -> audio (B, hop F) float32; long mels in crossfaded chunks."""
+    frames, hop = mel.size(2), model.hop_length
     if frames <= max_frames:
         return _reverse(model, mel, z, amp_dtype)
-    steps_per_frame = UPSAMPLE_STRIDE // model.n_group
-    fade_in = _fade_in(overlap * UPSAMPLE_STRIDE, mel.device)
-    audio = torch.zeros(mel.size(0), frames * UPSAMPLE_STRIDE, device=mel.device)
+    steps_per_frame = hop // model.n_group
+    fade_in = _fade_in(overlap * hop, mel.device)
+    audio = torch.zeros(mel.size(0), frames * hop, device=mel.device)
     start = 0
     while True:
         end = min(start + max_frames, frames)
@@ -170,7 +225,7 @@ def synthesize(model, mel, z, amp_dtype=None, max_frames=2000, overlap=32):
             chunk[:, :fade_in.numel()] *= fade_in
         if end < frames:
             chunk[:, chunk.size(1) - fade_in.numel():] *= 1 - fade_in
-        audio[:, start * UPSAMPLE_STRIDE:end * UPSAMPLE_STRIDE] += chunk
+        audio[:, start * hop:end * hop] += chunk
         if end == frames:
             return audio
         start = end - overlap
@@ -211,20 +266,19 @@ class Synthesizer:
         self([torch.full((self.model.n_mel_channels, 16), SILENCE)], [0])
 
     def __call__(self, mels, indices):
-        """[(n_mel, F_i)] and their list positions -> [audio (256 F_i,)], one batch; returns (audios, seconds)."""
-        longest = max(mel.size(1) for mel in mels)
+        """[(n_mel, F_i)] and their list positions -> [audio (hop F_i,)], one batch; returns (audios, seconds)."""
+        longest, hop = max(mel.size(1) for mel in mels), self.model.hop_length
         batch = torch.full((len(mels), mels[0].size(0), longest), SILENCE, device=self.device)
-        z = torch.zeros(len(mels), self.model.n_group, UPSAMPLE_STRIDE * longest // self.model.n_group,
-                        device=self.device)
+        z = torch.zeros(len(mels), self.model.n_group, hop * longest // self.model.n_group, device=self.device)
         for row, (mel, index) in enumerate(zip(mels, indices, strict=True)):
             batch[row, :, :mel.size(1)] = mel.to(self.device)
             seed = None if self.seed is None else self.seed + index
-            z[row, :, :UPSAMPLE_STRIDE * mel.size(1) // self.model.n_group] = \
+            z[row, :, :hop * mel.size(1) // self.model.n_group] = \
                 make_noise(self.model, mel.size(1), self.sigma, seed, self.device)[0]
         synchronize(self.device)
         started = time.perf_counter()
         audio = synthesize(self.model, batch, z, self.amp_dtype, self.max_frames, self.overlap)
-        outputs = [audio[row, :UPSAMPLE_STRIDE * mel.size(1)] for row, mel in enumerate(mels)]
+        outputs = [audio[row, :hop * mel.size(1)] for row, mel in enumerate(mels)]
         if self.denoiser is not None:
             outputs = [self.denoiser(out, self.denoiser_strength) for out in outputs]
         synchronize(self.device)
@@ -243,7 +297,11 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
     items, failures = [], []
     for index, path in enumerate(paths):
         try:
-            mel = load_mel(path, n_mel) if path.endswith(MEL_SUFFIXES) else mel_of_audio(path, stft_maker())[0]
+            if path.endswith(MEL_SUFFIXES):
+                mel = load_mel(path, n_mel)
+                warn_of_mel_scale(path, mel)
+            else:
+                mel = mel_of_audio(path, stft_maker())[0]
             items.append((mel.size(1), index, path, mel))
         except InputError as error:
             failures.append(str(error))
@@ -317,6 +375,30 @@ def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rat
     return len(failures) + (0 if clips else 1)
 
 
+def output_sampling_rate(args, checkpoint, data):
+    """The rate the wavs are written at: --sampling_rate, else the checkpoint's (ours record it, other flavours'
+    models of upstream's hop are 22050 Hz), else -c's."""
+    recorded = checkpoint_audio(checkpoint, args.waveglow_path)
+    if args.sampling_rate:
+        return args.sampling_rate
+    if recorded["sampling_rate"] is None and not args.config:
+        raise ValueError(f"{args.waveglow_path} ({checkpoint['flavour']}, hop {recorded['hop_length']}) does not "
+                         f"record its sampling rate: pass --sampling_rate, or -c with the config it was trained with")
+    if args.config and recorded["sampling_rate"] not in (None, data["sampling_rate"]):
+        print(f"warning: {args.config} says {data['sampling_rate']} Hz, but {args.waveglow_path} was trained at "
+              f"{recorded['sampling_rate']} Hz: audio inputs are read at {data['sampling_rate']} Hz, the wavs "
+              f"written at {recorded['sampling_rate']} Hz", file=sys.stderr)
+    return recorded["sampling_rate"] or int(data["sampling_rate"])
+
+
+def check_mel_hop(data, source, model, path):
+    """Mels made from audio here must have the model's hop: its upsampler makes hop samples per frame."""
+    if data["hop_length"] != model.hop_length:
+        raise ValueError(f"the mel settings from {source} have hop_length {data['hop_length']}, but the model of "
+                         f"{path} takes hop {model.hop_length} (its upsampler): pass -c with the config it was "
+                         f"trained with")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -329,7 +411,7 @@ def main(argv=None):
         if args.compile:  # a second new length recompiles once, for any length
             compile_coupling_networks(model, amp_dtype if device.type == "cpu" else None, dynamic=None)
         data, train_sigma, source = checkpoint_data_config(checkpoint, args.config)
-        sampling_rate = args.sampling_rate or int(data["sampling_rate"])
+        sampling_rate = output_sampling_rate(args, checkpoint, data)
         os.makedirs(args.output_dir, exist_ok=True)
         evaluating = bool(args.eval_list)
         sigma = args.sigma if args.sigma is not None else (EVAL_SIGMA if evaluating else 1.0)
@@ -343,6 +425,7 @@ def main(argv=None):
 
         def stft_maker():  # built on first use: only audio inputs need it
             if not stft_cache:
+                check_mel_hop(data, source, model, args.waveglow_path)
                 print(f"mel settings of audio inputs from {source}")
                 stft_cache.append(TacotronSTFT.from_config(data, model.n_mel_channels))
             return stft_cache[0]
@@ -351,6 +434,7 @@ def main(argv=None):
         if args.filelist_path:
             failed += synthesize_list(args, synth, stft_maker, sampling_rate)
         if evaluating:
+            check_mel_hop(data, source, model, args.waveglow_path)
             failed += evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate)
     except (CheckpointError, ValueError, RuntimeError, OSError, AudioError) as error:
         print(f"error: {error}", file=sys.stderr)

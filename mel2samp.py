@@ -8,7 +8,8 @@ The mel and the dataset each build from a config's data_config in one call, Taco
 n_mel) and Mel2Samp.from_config(files, data_config, **options); config.load_config reads and checks the file.
 
     python mel2samp.py -f wav_list.txt -o mels/ -c config.json [-j 8]    # <name>.wav.pt per clip
-                                                  # (the mel of data_config, waveglow_config.n_mel_channels bands)
+                                                  # (the mel of data_config, waveglow_config.n_mel_channels bands;
+                                                  # any rate and hop, e.g. -c configs/16k_hop200.json)
     python mel2samp.py --make_split LJSpeech-1.1 -o filelists/ [--n_test 10]
 """
 import argparse
@@ -506,6 +507,11 @@ def _write_mels(args):
     config = load_config(args.config)
     # built once here (the filterbank takes librosa a second) and handed to every worker
     stft = TacotronSTFT.from_config(config["data_config"], config["waveglow_config"]["n_mel_channels"])
+    data = config["data_config"]
+    top = data["mel_fmax"] if data["mel_fmax"] is not None else data["sampling_rate"] / 2
+    print(f"mels of {args.config}: {stft.n_mel_channels} bands over {data['mel_fmin']:g}-{top:g} Hz of "
+          f"{data['sampling_rate']} Hz audio, hop {data['hop_length']}, window {data['win_length']} "
+          f"(FFT {data['filter_length']})")
     files = files_to_list(args.filelist_path, args.data_root)
     clashes = sorted(n for n, count in Counter(os.path.basename(p) for p in files).items() if count > 1)
     if clashes:

@@ -48,8 +48,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_checkpoint, remove_interrupted_saves,
-                        save_checkpoint)
+from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, CheckpointMismatch, fit_weights, load_checkpoint,
+                        mel_setting_changes, remove_interrupted_saves, save_checkpoint)
 from config import ConfigError, resolve_config
 from distributed import (Precision, all_reduce_sum, cleanup_distributed, make_precision, setup_distributed, unwrap,
                          wrap_ddp)
@@ -195,8 +195,8 @@ def rank0_printer(rank):
 def build_model(config, device, precision):
     """(WaveGlow on `device`, its loss, Adam over its parameters)."""
     tc = config["train_config"]
-    try:
-        model = WaveGlow(**config["waveglow_config"]).to(device)
+    try:  # the upsampler's stride is the mel's hop, so the hop lives in data_config alone
+        model = WaveGlow(**config["waveglow_config"], hop_length=config["data_config"]["hop_length"]).to(device)
     except ValueError as error:
         raise ConfigError(f"waveglow_config: {error}") from None
     criterion = WaveGlowLoss(tc["sigma"])
@@ -229,21 +229,31 @@ def validation_loader(config):
     return DataLoader(valset, batch_size=tc["batch_size"], shuffle=False, num_workers=tc["workers"])
 
 
-def load_start(tc, model, optimizer, precision, device, batches_per_epoch, global_batch, log):
-    """Load tc['checkpoint_path'] into the model; returns the Progress training starts from.
+def load_start(config, model, optimizer, precision, device, batches_per_epoch, global_batch, log):
+    """Load train_config.checkpoint_path into the model; returns the Progress training starts from.
 
     Our own checkpoints resume exactly: optimizer, loss scale, RNG states and the position in the epoch.
     Other flavours (upstream, Ascend, DeepLearningExamples, converted files), or ours with warm_start,
-    give the weights only and training starts at iteration 0.
+    give the weights only and training starts at iteration 0; a warm start to another hop (another corpus's
+    rate) takes every weight but the upsampler's. Weights that do not fit are a ConfigError naming the keys.
     """
+    tc = config["train_config"]
     path = tc["checkpoint_path"]
     checkpoint = load_checkpoint(path, map_location="cpu")
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ConfigError(f"checkpoint {path} does not fit waveglow_config: {error}") from None
     resumable = checkpoint["flavour"] == FORMAT_NAME and "converted_from" not in checkpoint
-    if not resumable or tc["warm_start"]:
+    warm_start = not resumable or tc["warm_start"]
+    try:
+        state_dict, not_taken = fit_weights(model, checkpoint, path, config, warm_start)
+    except CheckpointMismatch as error:
+        new_hop_only = error.keys == ["data_config.hop_length"]
+        advice = (" (or -warm_start true for a new run from its weights, the upsampler starting fresh at the new "
+                  "hop)") if new_hop_only else ""
+        raise ConfigError(f"{error}. Use a config with the checkpoint's values{advice}") from None
+    model.load_state_dict(state_dict, strict=not_taken is None)
+    for line in (not_taken, mel_setting_changes(checkpoint, path, config["data_config"])):
+        if line:
+            log(f"note: {line}")
+    if warm_start:
         log(f"Warm start from {path} ({checkpoint['flavour']}): weights only, iteration 0")
         return Progress()
     iteration = checkpoint["iteration"]
@@ -310,7 +320,7 @@ def set_up(config, rank_flag=None, group_name=""):
     val_loader = validation_loader(config)
     progress = Progress()
     if tc["checkpoint_path"]:
-        progress = load_start(tc, model, optimizer, precision, device, batches_per_epoch, global_batch, log)
+        progress = load_start(config, model, optimizer, precision, device, batches_per_epoch, global_batch, log)
     progress.last_saved = progress.iteration
     model, optimizer = precision.initialize(model, optimizer)  # apex O2 casts the model here
     if tc["compile"]:

@@ -97,8 +97,9 @@ def test_training_checks_report_the_first_problem_in_order(tmp_path):
     # epochs comes before sampling_rate in the rules, whatever the file's order
     with pytest.raises(ConfigError, match="train_config.epochs must be positive"):
         resolve(tmp_path, {"data_config": {"sampling_rate": 0}, "train_config": {"epochs": 0}})
-    with pytest.raises(ConfigError, match="data_config.hop_length must be 256, got 200"):
-        resolve(tmp_path, {"data_config": {"hop_length": 200}})
+    with pytest.raises(ConfigError, match="n_group 8 does not fit data_config.hop_length 300: .* values that work "
+                                          "for hop 300: 2, 4, 6, 10, 12, 20, 30, 50, 60, 100, 150, 300$"):
+        resolve(tmp_path, {"data_config": {"hop_length": 300}})
     with pytest.raises(ConfigError, match="data_config.training_files is empty"):
         resolve(tmp_path, {"data_config": {"training_files": ""}})
     with pytest.raises(ConfigError, match="segment_length 4100 must be a multiple of waveglow_config.n_group 8"):
