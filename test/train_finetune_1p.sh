@@ -11,7 +11,8 @@
 # --batch-size, --learning_rate, --sigma, --iters_per_checkpoint, --c (config, default config.json),
 # --amp_dtype=auto|float16|bfloat16 (the dtype of --fp16_run), --compile=true|false (torch.compile),
 # --device_id, --workers, --device=auto|cuda|npu|cpu, --step_stop=N (stop after N iterations), --seed,
-# --n_test=N (clips held out for validation, default 10).
+# --n_test=N (clips held out for validation, default 10), --warm_start=true|false (false: resume, exactly, a
+# fine-tuning run that was stopped, from its own checkpoint; the line printed at the stop says so).
 # Logs go to ${TEST_OUTPUT_DIR:-test/output}/${ASCEND_DEVICE_ID}/: train_${ASCEND_DEVICE_ID}.log, the file
 # lists made from --data_path, ${CaseName}.log (the key = value summary) and train_${CaseName}_loss.txt.
 # Only translates parameters into train.py flags and summarises the log; the training is train.py's.
@@ -24,7 +25,9 @@ batch_size=24
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # defaults, the --key=value loop, set-up, summary
 
 epochs=10  # the recipe: ten epochs from the given weights
-also_accepted="amp_dtype compile"
+warm_start=true  # weights only, a new run from iteration 0; false resumes one of this launcher's stopped runs
+also_accepted="amp_dtype compile warm_start"
+resume_parameters=(--warm_start=false)
 parse_parameters "$@"
 require_parameter "$data_path" --data_path "--data_path=/path/to/LJSpeech-1.1 (or a folder of wavs)"
 require_parameter "$checkpoint_path" --checkpoint_path "the checkpoint to fine-tune from"
@@ -36,7 +39,7 @@ make_file_lists
 
 cmd=("$python" "$repo_dir/train.py" -c "$config" -training_files "$log_dir/train_files.txt"
      -validation_files "$log_dir/test_files.txt" -epochs "$epochs" -batch_size "$batch_size"
-     -checkpoint_path "$checkpoint_path" -warm_start true)  # weights only: a new run from iteration 0
+     -checkpoint_path "$checkpoint_path" -warm_start "$warm_start")
 append_train_flags output_directory fp16_run learning_rate sigma iters_per_checkpoint workers \
     device step_stop amp_dtype compile seed
 run_logged training "${cmd[@]}"
