@@ -435,6 +435,8 @@ def main(argv=None):
 
     launcher, train_argv = launcher_args(sys.argv[1:] if argv is None else argv)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    # torchrun's lines about each worker's exit and the ones it stops: the one line below says what matters.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     with LauncherStop(script) as stop:
         try:
             # SIGINT and SIGTERM are LauncherStop's; torchrun keeps its handling of the others.
@@ -442,9 +444,9 @@ def main(argv=None):
         except ChildFailedError as error:
             if stop.signal_name is not None:
                 return stop.exit_code  # train.py said where it saved
-            exit_codes = {failure.exitcode for failure in error.failures.values()}
-            if exit_codes <= {1, 2, 130, 143}:  # train.py's own exits, each after saying why (rank 0's line)
-                return max(exit_codes)
+            _, first = error.get_first_failure()  # the others were stopped because of it
+            if first.exitcode in (1, 2, 130, 143):  # train.py's own exits, each after saying why (on rank 0)
+                return first.exitcode
             print(describe_failure(error), file=sys.stderr, flush=True)
             return 1
     return 0  # every worker ran to the end (a signal that came after the last step stops nothing)

@@ -178,7 +178,7 @@ def claim_directory(path, lock_name=LOCK_NAME, pid=None, command=None, log=print
 def release_claims():
     """Release every claim this process holds (forked children hold none of their parent's)."""
     for claim in list(_claims):
-        if claim.owner["pid"] == os.getpid() or not pid_alive(claim.owner["pid"]):
+        if claim.owner["pid"] == os.getpid():
             claim.release()
 
 

@@ -276,8 +276,8 @@ def load_start(tc, model, optimizer, precision, device, batches_per_epoch, globa
                     samples_seen=checkpoint.get("samples_seen", iteration * global_batch))
 
 
-class RefusedOnRank0(Exception):
-    """Rank 0 could not take the output directory and said why; the other ranks leave with its exit code, quietly."""
+class OutputDirectoryRefused(Exception):
+    """Rank 0 could not claim the output directory and said why; every rank leaves with this exit code."""
 
     def __init__(self, exit_code):
         super().__init__("")
@@ -301,15 +301,16 @@ def prepare_output_directory(config, rank, log):
     resolved config, removes partial saves of killed runs and opens tensorboard (returned)."""
     tc = config["train_config"]
     refusal = claim_output_directory(tc["output_directory"], log) if rank == 0 else None
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        shared = [refusal]
-        torch.distributed.broadcast_object_list(shared, src=0)  # before anyone trains: no rank waits alone
-        refusal = shared[0]
-    if refusal is not None:
+    exit_code = 0
+    if refusal is not None:  # said before any rank can leave, so that a launcher stopping the others hides nothing
         exit_code, message = refusal
-        if rank == 0:
-            raise CheckpointError(message)
-        raise RefusedOnRank0(exit_code)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        shared = [exit_code]
+        torch.distributed.broadcast_object_list(shared, src=0)  # before anyone trains: no rank waits alone
+        exit_code = shared[0]
+    if exit_code:
+        raise OutputDirectoryRefused(exit_code)
     if rank != 0:
         return None
     config_path = os.path.join(tc["output_directory"], "config.json")
@@ -589,7 +590,7 @@ def main(argv=None):
         rank = args.rank if args.rank is not None else int(os.environ.get("RANK") or 0)
         output_directory = config["train_config"]["output_directory"]
         return train(config, args.rank, args.group_name)
-    except RefusedOnRank0 as refusal:
+    except OutputDirectoryRefused as refusal:
         return refusal.exit_code
     except (ConfigError, CheckpointError, AudioError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
