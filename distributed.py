@@ -391,19 +391,26 @@ class LauncherStop:
         self.script, self.signal_name, self.interrupts, self.previous = script, None, 0, {}
 
     def _handle(self, signum, frame):
-        if self.signal_name is None:
+        first = self.signal_name is None
+        if first:
             self.signal_name = signal.Signals(signum).name
             for name in ("torch.distributed.elastic", "torch.distributed.run"):  # its report of the workers' exit
                 logging.getLogger(name).setLevel(logging.CRITICAL)
         self.interrupts += signum == signal.SIGINT
-        self.signal_workers(signal.SIGKILL if self.interrupts > 2 else signum)
+        if not self.signal_workers(signal.SIGKILL if self.interrupts > 2 else signum) and first:
+            # No worker yet (or no /proc to find them): stop torchrun itself, which stops any it started
+            # with SIGTERM (they save, in its 30 s).
+            raise KeyboardInterrupt
 
     def signal_workers(self, signum):
-        for pid in worker_pids(self.script):
+        """Send `signum` to the workers; returns how many there were."""
+        pids = worker_pids(self.script)
+        for pid in pids:
             try:
                 os.kill(pid, signum)
             except OSError:
                 pass  # ended meanwhile
+        return len(pids)
 
     @property
     def exit_code(self):
@@ -423,7 +430,10 @@ def describe_failure(error):
     """One line for the first failed worker of torchrun's ChildFailedError."""
     rank, failure = error.get_first_failure()
     if failure.exitcode < 0:
-        how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+        try:
+            how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-failure.exitcode}"
     else:
         how = f"exited with code {failure.exitcode}"
     return f"error: a training process failed: rank {rank} (pid {failure.pid}) {how}; see its output above"
@@ -441,6 +451,8 @@ def main(argv=None):
         try:
             # SIGINT and SIGTERM are LauncherStop's; torchrun keeps its handling of the others.
             torchrun_main(["--signals_to_handle=SIGHUP,SIGQUIT"] + torchrun_argv(launcher, script, train_argv))
+        except KeyboardInterrupt:  # a stop before any worker ran
+            return stop.exit_code if stop.signal_name is not None else 130
         except ChildFailedError as error:
             if stop.signal_name is not None:
                 return stop.exit_code  # train.py said where it saved

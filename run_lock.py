@@ -72,7 +72,7 @@ def staleness(owner):
     if owner.get("host") != socket.gethostname():
         return None  # another host's processes cannot be checked from here
     pid = owner.get("pid")
-    if not isinstance(pid, int) or not pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return f"pid {pid} is not running"
     started = process_start_time(pid)
     if owner.get("start_time") and started and started != owner["start_time"]:
@@ -194,8 +194,11 @@ def main(argv=None):
     try:
         claim = claim_directory(args.folder, args.lock_name, args.pid, args.command,
                                 log=lambda message: print(message, file=sys.stderr))
-    except (OutputDirectoryBusy, OSError) as error:
+    except OutputDirectoryBusy as error:
         print(f"[Error] {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"[Error] cannot write a lock file into {args.folder}: {error}", file=sys.stderr)
         return 1
     _claims.remove(claim)  # the lock outlives this helper: its process removes it
     print(claim.lock_path)

@@ -82,11 +82,10 @@ def restore_rng_states(states, device):
 class StopRequest:
     """Remembers SIGTERM/SIGINT so the loop can finish its step and save before leaving.
 
-    The first signal names the stop; once a stop is pending a SIGINT stops at once (a second Ctrl-C: the user
-    does not want to wait) and a further SIGTERM changes nothing (distributed.py passes a stop on to its
-    workers as SIGTERM, which they may also have had from the process group). When a stop is pending, the
-    handler stays installed past the loop, so that the closing save is not cut short; main() restores the
-    previous handlers at the very end.
+    The first signal names the stop (and the exit code); once a stop is pending a SIGINT stops at once (a second
+    Ctrl-C: the user does not want to wait) and a further SIGTERM changes nothing (schedulers may repeat it).
+    When a stop is pending, the handler stays installed past the loop, so that the closing save is not cut
+    short; main() restores the previous handlers at the very end.
     """
 
     kept = {}  # signal -> the handler to restore at the end of main
