@@ -26,6 +26,9 @@ synthesis_sigma=0.06
 # Earlier demo runs' results would be mistaken for this one's; the corpus is remade identically.
 rm -rf "$out/checkpoints" "$out/logs" "$out/eval" "$out/corpus"
 started=$(date +%s)
+# Ctrl-C or a SIGTERM to the group: wait for the step that stops (the training launcher saves a checkpoint and
+# prints the command that resumes it), then leave with its exit code (130, 143) instead of dying first.
+trap 'true' INT TERM
 
 echo "== 1/4 corpus: 40 speech-like clips of 2 s in $out/corpus"
 "$python" demo/make_demo_corpus.py -o "$out/corpus" --n_clips 40 --seconds 2.0 --seed 0 \

@@ -11,7 +11,9 @@ with autocast(), backward() and step().
     torchrun --nproc_per_node=8 train.py -c config.json            # the same, started by hand
 """
 import argparse
+import logging
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from datetime import timedelta
@@ -368,18 +370,111 @@ def torchrun_argv(launcher, script, train_argv):
     return argv + [script] + list(train_argv)
 
 
+def worker_pids(script):
+    """This process's children that run `script` (Linux: /proc; elsewhere none are found)."""
+    pids = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children", encoding="ascii") as f:
+                pids += [int(pid) for pid in f.read().split()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if os.fsencode(script) in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+class LauncherStop:
+    """Ctrl-C and SIGTERM for the launcher: the workers finish their step, save and exit; the job exits 130 or 143.
+
+    torchrun starts each worker in a session of its own, so a terminal's Ctrl-C or a signal to the launcher's
+    process group (Slurm, `timeout`) reaches the launcher alone: each SIGINT or SIGTERM is passed on to the
+    workers as it came, which train.py takes as a stop (a second SIGINT: stop at once; a third, for a worker
+    stuck in a collective, kills them). torchrun's own handling (turned off here) would kill the workers 30 s
+    after the first signal and end in a SignalException traceback.
+    """
+
+    def __init__(self, script):
+        self.script, self.signal_name, self.interrupts, self.previous = script, None, 0, {}
+
+    def _handle(self, signum, frame):
+        first = self.signal_name is None
+        if first:
+            self.signal_name = signal.Signals(signum).name
+            for name in ("torch.distributed.elastic", "torch.distributed.run"):  # its report of the workers' exit
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        self.interrupts += signum == signal.SIGINT
+        if not self.signal_workers(signal.SIGKILL if self.interrupts > 2 else signum) and first:
+            # No worker yet (or no /proc to find them): stop torchrun itself, which stops any it started
+            # with SIGTERM (they save, in its 30 s).
+            raise KeyboardInterrupt
+
+    def signal_workers(self, signum):
+        """Send `signum` to the workers; returns how many there were."""
+        pids = worker_pids(self.script)
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass  # ended meanwhile
+        return len(pids)
+
+    @property
+    def exit_code(self):
+        return 128 + signal.Signals[self.signal_name].value
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def describe_failure(error):
+    """One line for the first failed worker of torchrun's ChildFailedError."""
+    rank, failure = error.get_first_failure()
+    if failure.exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-failure.exitcode}"
+    else:
+        how = f"exited with code {failure.exitcode}"
+    return f"error: a training process failed: rank {rank} (pid {failure.pid}) {how}; see its output above"
+
+
 def main(argv=None):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     launcher, train_argv = launcher_args(sys.argv[1:] if argv is None else argv)
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    try:
-        torchrun_main(torchrun_argv(launcher, script, train_argv))
-    except ChildFailedError as error:
-        print(f"error: a training process failed; see its output above\n{error}", file=sys.stderr)
-        return 1
-    return 0
+    # torchrun's lines about each worker's exit and the ones it stops: the one line below says what matters.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    with LauncherStop(script) as stop:
+        try:
+            # SIGINT and SIGTERM are LauncherStop's; torchrun keeps its handling of the others.
+            torchrun_main(["--signals_to_handle=SIGHUP,SIGQUIT"] + torchrun_argv(launcher, script, train_argv))
+        except KeyboardInterrupt:  # a stop before any worker ran
+            return stop.exit_code if stop.signal_name is not None else 130
+        except ChildFailedError as error:
+            if stop.signal_name is not None:
+                return stop.exit_code  # train.py said where it saved
+            _, first = error.get_first_failure()  # the others were stopped because of it
+            if first.exitcode in (1, 2, 130, 143):  # train.py's own exits, each after saying why (on rank 0)
+                return first.exitcode
+            print(describe_failure(error), file=sys.stderr, flush=True)
+            return 1
+    return 0  # every worker ran to the end (a signal that came after the last step stops nothing)
 
 
 if __name__ == "__main__":

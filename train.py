@@ -18,10 +18,12 @@ distributed.py, data, the Progress to resume from); train_step() is one update: 
 grad_accum_steps micro-batches of batch_size clips, then the step (an iteration is one update);
 save_checkpoint_for_run() and validate() do the periodic work; train() is the loop and finish() its end.
 
-Signals: SIGTERM or SIGINT finish the current step, save a checkpoint and exit (code 0 for SIGTERM,
-130 for SIGINT, the shell convention); a second SIGINT stops at once. Other exit codes: 2 for a
-configuration error, 1 for unusable data or checkpoints and for max_nonfinite_steps non-finite steps
-in a row (such steps are skipped and never change the weights).
+Signals: SIGTERM or SIGINT finish the current step, save a checkpoint, print "Received SIG...: checkpoint
+saved to PATH" and exit 143 (SIGTERM) or 130 (SIGINT), the shell's 128 + signal number, so a stopped run is
+never taken for a finished one; a second SIGINT stops at once. Other exit codes: 2 for a configuration error,
+1 for unusable data or checkpoints, for an output directory another live run holds (its `.lock` names that
+run; run_lock.py) and for max_nonfinite_steps non-finite steps in a row (such steps are skipped and never
+change the weights).
 
 Faults: unusable training files (unreadable, empty, NaN samples, shorter than a hop) are skipped and
 counted, or stop the run naming the file with strict_data. Checkpoints are written atomically, so a
@@ -56,6 +58,7 @@ from distributed import (Precision, all_reduce_sum, cleanup_distributed, make_pr
 from evaluate import mean_scores, validation_nll, vocoder_scores
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks
 from mel2samp import AudioError, Mel2Samp
+from run_lock import OutputDirectoryBusy, claim_directory, release_claims
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers for the loop: RNG states, stop signals, the epoch's data.
@@ -80,15 +83,23 @@ def restore_rng_states(states, device):
 
 
 class StopRequest:
-    """Remembers SIGTERM/SIGINT so the loop can finish its step and save before leaving."""
+    """Remembers SIGTERM/SIGINT so the loop can finish its step and save before leaving.
+
+    The first signal names the stop (and the exit code); once a stop is pending a SIGINT stops at once (a second
+    Ctrl-C: the user does not want to wait) and a further SIGTERM changes nothing (schedulers may repeat it).
+    When a stop is pending, the handler stays installed past the loop, so that the closing save is not cut
+    short; main() restores the previous handlers at the very end.
+    """
+
+    kept = {}  # signal -> the handler to restore at the end of main
 
     def __init__(self):
         self.signal_name, self.previous = None, {}
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
-        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -97,8 +108,18 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc):
+        if self.signal_name is not None and exc[0] is None:
+            for signum, handler in self.previous.items():
+                StopRequest.kept.setdefault(signum, handler)
+            return
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    @classmethod
+    def restore_kept(cls):
+        for signum, handler in cls.kept.items():
+            signal.signal(signum, handler)
+        cls.kept.clear()
 
 
 def ignore_stop_signals(worker_id):
@@ -274,14 +295,45 @@ def load_start(config, model, optimizer, precision, device, batches_per_epoch, g
                     samples_seen=checkpoint.get("samples_seen", iteration * global_batch))
 
 
+class OutputDirectoryRefused(Exception):
+    """Rank 0 could not claim the output directory and said why; every rank leaves with this exit code."""
+
+    def __init__(self, exit_code):
+        super().__init__("")
+        self.exit_code = exit_code
+
+
+def claim_output_directory(output_directory, log):
+    """Rank 0: create the directory and claim it for this run (run_lock); None, or (exit code, message)."""
+    try:
+        os.makedirs(output_directory, exist_ok=True)
+        claim_directory(output_directory, log=log)
+    except OutputDirectoryBusy as error:
+        return 1, f"output_directory {error}"
+    except OSError as error:
+        return 1, f"cannot write to output_directory {output_directory}: {error}"
+    return None
+
+
 def prepare_output_directory(config, rank, log):
-    """Rank 0 writes the resolved config, removes partial saves of killed runs and opens tensorboard (returned)."""
+    """Rank 0 claims the output directory (one run per directory; every rank learns of a refusal), writes the
+    resolved config, removes partial saves of killed runs and opens tensorboard (returned)."""
     tc = config["train_config"]
+    refusal = claim_output_directory(tc["output_directory"], log) if rank == 0 else None
+    exit_code = 0
+    if refusal is not None:  # said before any rank can leave, so that a launcher stopping the others hides nothing
+        exit_code, message = refusal
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        shared = [exit_code]
+        torch.distributed.broadcast_object_list(shared, src=0)  # before anyone trains: no rank waits alone
+        exit_code = shared[0]
+    if exit_code:
+        raise OutputDirectoryRefused(exit_code)
     if rank != 0:
         return None
     config_path = os.path.join(tc["output_directory"], "config.json")
     try:
-        os.makedirs(tc["output_directory"], exist_ok=True)
         with open(config_path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=4)
         os.replace(config_path + ".tmp", config_path)  # a kill mid-write leaves the previous one whole
@@ -571,8 +623,9 @@ def finish(run, progress, stop_reason, signal_name, nonfinite_in_row):
     elif stop_reason == "signal":
         path = save_checkpoint_for_run(run, progress) if progress.last_saved != iteration else \
             os.path.join(tc["output_directory"], f"waveglow_{iteration}")
+        # The launchers read this line for the checkpoint to resume from.
         run.log(f"Received {signal_name or 'a stop signal (on another rank)'}: checkpoint saved to {path}")
-        exit_code = 130 if signal_name == "SIGINT" else 0
+        exit_code = STOP_EXIT_CODES.get(signal_name, STOP_EXIT_CODES["SIGTERM"])
     else:  # all epochs done, or step_stop
         if progress.last_saved != iteration:
             save_checkpoint_for_run(run, progress)
@@ -584,15 +637,33 @@ def finish(run, progress, stop_reason, signal_name, nonfinite_in_row):
     return exit_code
 
 
+# Stopped by a signal, after the closing checkpoint: the shell's 128 + signal number, so that `train && next`
+# and schedulers that restart failed jobs (a Kubernetes Job, Slurm's --requeue) never take a stopped run
+# for a finished one. Ranks that saw no signal themselves (another host's) count as SIGTERM.
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
 def main(argv=None):
+    rank, output_directory = 0, None
     try:
         config, args = resolve_config(argv)
+        rank = args.rank if args.rank is not None else int(os.environ.get("RANK") or 0)
+        output_directory = config["train_config"]["output_directory"]
         return train(config, args.rank, args.group_name)
+    except OutputDirectoryRefused as refusal:
+        return refusal.exit_code
     except (ConfigError, CheckpointError, AudioError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2 if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up: stop at once, without a traceback
+        if rank == 0:
+            kept = f"the checkpoints already in {output_directory} are whole" if output_directory else "nothing saved"
+            print(f"error: stopped at once by SIGINT (Ctrl-C), without saving; {kept}", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODES["SIGINT"]
     finally:
         cleanup_distributed()
+        release_claims()
+        StopRequest.restore_kept()
 
 
 if __name__ == "__main__":

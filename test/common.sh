@@ -35,6 +35,7 @@ python=${PYTHON:-python3}
     compile=""
     grad_accum_steps=""  # micro-batches per update (train.py's -grad_accum_steps), in every training launcher
     also_accepted=""
+    resume_parameters=()  # what a resumed run adds to the launcher's parameters, besides --checkpoint_path
 }
 
 unknown_parameter() {
@@ -42,10 +43,12 @@ unknown_parameter() {
     exit 1
 }
 
-# The template's `for para in $*`, with "$@" so that paths containing spaces survive.
+# The template's `for para in $*`, with "$@" so that paths containing spaces survive. launcher_args keeps
+# them for the command that resumes an interrupted run.
 # shellcheck disable=SC2034  # the parameters are read by the launcher that sources this file
 parse_parameters() {
     local para name
+    launcher_args=("$@")
     for para in "$@"
     do
         case $para in
@@ -66,8 +69,8 @@ parse_parameters() {
             --seed=*)                 seed=${para#*=} ;;
             --n_test=*)               n_test=${para#*=} ;;
             --grad_accum_steps=*)     grad_accum_steps=${para#*=} ;;
-            --amp_dtype=*|--compile=*|--nproc=*|--case_kind=*|--training_files=*|--validation_files=*)
-                # only in the launchers that list them
+            --amp_dtype=*|--compile=*|--nproc=*|--case_kind=*|--warm_start=*|--training_files=*|--validation_files=*)
+                # only where also_accepted lists them
                 name=${para%%=*}
                 name=${name#--}
                 [[ " $also_accepted " == *" $name "* ]] || unknown_parameter "$para"
@@ -99,11 +102,16 @@ select_one_device() {
 }
 
 # set_up_logs train|eval CASE_KIND: the log folder and its files (log_file, summary and, for training,
-# loss_file), CaseName=${Network}_bs${BatchSize}_${RANK_SIZE}p_${CASE_KIND}.
+# loss_file), CaseName=${Network}_bs${BatchSize}_${RANK_SIZE}p_${CASE_KIND}. One training (and one evaluation)
+# launcher per log folder: a second one is refused before it writes there (the lock file, .launcher_train.lock,
+# names the first and goes when it ends; one left by a launcher killed with -9 is replaced).
 set_up_logs() {
     output_root=${TEST_OUTPUT_DIR:-$test_path_dir/output}
     log_dir="$output_root/$ASCEND_DEVICE_ID"
     mkdir -p "$log_dir" || exit 1
+    launcher_lock=$("$python" "$repo_dir/run_lock.py" claim "$log_dir" --pid $$ --lock_name ".launcher_$1.lock" \
+        --command "bash $0 ${launcher_args[*]}") || exit 1
+    trap 'rm -f "$launcher_lock"' EXIT
     log_file="$log_dir/$1_${ASCEND_DEVICE_ID}.log"
     BatchSize=${batch_size:?}
     DeviceType=$(uname -m)
@@ -144,17 +152,59 @@ append_train_flags() {
 }
 
 # run_logged WHAT COMMAND...: the command line starts a fresh log_file, its output goes both to the terminal
-# and the log; e2e_time is its duration in seconds. A failure stops the launcher, naming the log.
+# and the log; e2e_time is its duration in seconds. A failure stops the launcher, naming the log; a stop by
+# SIGINT or SIGTERM stops it with the command's exit code (130, 143) after stopped_by says how to go on.
 run_logged() {
-    local what=$1 start_time
+    local what=$1 start_time status=0
     shift
     start_time=$(date +%s)
     echo "[INFO] $*" | tee "$log_file"
-    if ! "$@" 2>&1 | tee -a "$log_file"; then
+    # A terminal's Ctrl-C and a SIGTERM to the process group (Slurm, timeout) reach this shell, the command and
+    # tee: tee ignores them, so the log gets the command's last lines, and this shell waits for both.
+    trap 'true' INT TERM
+    "$@" 2>&1 | (trap '' INT TERM; exec tee -a "$log_file") || status=$?
+    trap - INT TERM
+    if (( status == 130 || status == 143 )); then
+        stopped_by "$what" "$status"
+        exit "$status"
+    elif (( status != 0 )); then
         echo "[Error] $what failed; the log is $log_file" >&2
         exit 1
     fi
     e2e_time=$(( $(date +%s) - start_time ))
+}
+
+# stopped_by WHAT STATUS: one line, also in the log, naming the checkpoint a stopped training saved (train.py's
+# "Received SIG...: checkpoint saved to PATH", else its newest "Saved checkpoint PATH") and the command that
+# resumes from it: this launcher's own parameters, --checkpoint_path=PATH and resume_parameters.
+stopped_by() {
+    local what=$1 signal_name=SIGTERM checkpoint line
+    if (( $2 == 130 )); then signal_name=SIGINT; fi
+    if [[ $what != training ]]; then
+        line="[INFO] $what stopped by $signal_name; the log is $log_file"
+    else
+        checkpoint=$(grep -a '^Received SIG.*: checkpoint saved to ' "$log_file" | tail -n 1 | sed 's/.*saved to //')
+        [[ $checkpoint == "" ]] && checkpoint=$(grep -a '^Saved checkpoint ' "$log_file" | tail -n 1 | cut -d' ' -f3-)
+        if [[ $checkpoint == "" ]]; then
+            line="[INFO] training stopped by $signal_name before saving a checkpoint; the same command starts again"
+        else
+            line="[INFO] training stopped by $signal_name, checkpoint $checkpoint; resume with: $(resume_command "$checkpoint")"
+        fi
+    fi
+    echo "$line" | (trap '' INT TERM; exec tee -a "$log_file")
+}
+
+# resume_command CHECKPOINT: this launcher's command line, resuming from CHECKPOINT.
+resume_command() {
+    local para words=() replaced
+    replaced=" --checkpoint_path --pth_path ${resume_parameters[*]%%=*} "
+    [[ ${TEST_OUTPUT_DIR:-} != "" ]] && words+=("TEST_OUTPUT_DIR=$TEST_OUTPUT_DIR")
+    words+=(bash "$0")
+    for para in "${launcher_args[@]}"; do
+        [[ $replaced == *" ${para%%=*} "* ]] || words+=("$para")
+    done
+    words+=("${resume_parameters[@]}" "--checkpoint_path=$1")
+    printf '%q ' "${words[@]}" | sed 's/ $//'
 }
 
 # The training launchers' summary, read from the log: the three "Final ..." lines, ${CaseName}.log with the

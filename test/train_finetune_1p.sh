@@ -14,7 +14,9 @@
 # --batch-size, --learning_rate, --sigma, --iters_per_checkpoint, --c (config, default config.json),
 # --amp_dtype=auto|float16|bfloat16 (the dtype of --fp16_run), --compile=true|false (torch.compile),
 # --device_id, --workers, --device=auto|cuda|npu|cpu, --step_stop=N (stop after N iterations), --seed,
-# --n_test=N (clips held out for validation, default 10), --grad_accum_steps=N (micro-batches per update).
+# --n_test=N (clips held out for validation, default 10), --grad_accum_steps=N (micro-batches per update),
+# --warm_start=true|false (false: resume, exactly, a fine-tuning run that was stopped, from its own checkpoint;
+# the line printed at the stop says so).
 # Logs go to ${TEST_OUTPUT_DIR:-test/output}/${ASCEND_DEVICE_ID}/: train_${ASCEND_DEVICE_ID}.log, the file
 # lists made from --data_path (if given), ${CaseName}.log (the key = value summary) and train_${CaseName}_loss.txt.
 # Only translates parameters into train.py flags and summarises the log; the training is train.py's.
@@ -29,7 +31,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # defaults, the --key=value l
 epochs=10  # the recipe: ten epochs from the given weights
 training_files=""
 validation_files=""
-also_accepted="amp_dtype compile training_files validation_files"
+warm_start=true  # weights only, a new run from iteration 0; false resumes one of this launcher's stopped runs
+also_accepted="amp_dtype compile training_files validation_files warm_start"
+resume_parameters=(--warm_start=false)
 parse_parameters "$@"
 if [[ $training_files == "" ]]; then
     require_parameter "$data_path" --data_path "--data_path=/path/to/LJSpeech-1.1 (or --training_files=LIST)"
@@ -47,7 +51,7 @@ if [[ $training_files == "" ]]; then
 fi
 
 cmd=("$python" "$repo_dir/train.py" -c "$config" -training_files "$training_files" -epochs "$epochs"
-     -batch_size "$batch_size" -checkpoint_path "$checkpoint_path" -warm_start true)  # a new run from iteration 0
+     -batch_size "$batch_size" -checkpoint_path "$checkpoint_path" -warm_start "$warm_start")
 append_train_flags output_directory fp16_run learning_rate sigma iters_per_checkpoint workers \
     device step_stop amp_dtype compile seed validation_files
 run_logged training "${cmd[@]}"

@@ -52,6 +52,7 @@ if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
     exit 1
 fi
 export RANK_SIZE=$nproc
+resume_parameters=("--nproc=$nproc")  # an exact resume needs the same global batch
 echo "[INFO] $RANK_SIZE training process(es) on this host"
 
 export ASCEND_DEVICE_ID=${device_id:-0}  # names the log folder; each process picks its own device
@@ -59,7 +60,8 @@ set_up_logs train "$case_kind"
 set_up_ascend
 make_file_lists
 
-cmd=("$python" -m torch.distributed.run --standalone --nproc_per_node="$RANK_SIZE" "$repo_dir/train.py"
+# distributed.py: torchrun underneath, with Ctrl-C and SIGTERM passed on to the workers, which save and stop.
+cmd=("$python" "$repo_dir/distributed.py" --nproc_per_node="$RANK_SIZE"
      -c "$config" -training_files "$log_dir/train_files.txt" -validation_files "$log_dir/test_files.txt"
      -epochs "$epochs" -batch_size "$batch_size" -learning_rate "$learning_rate"
      -iters_per_checkpoint "$iters_per_checkpoint" -dist_backend auto)  # auto: nccl, hccl or gloo by device
