@@ -41,7 +41,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="WaveGlow inference: mels or wavs to speech; --eval_list evaluates")
     parser.add_argument("-f", "--filelist_path", help="list of mel files (.pt or .npy) and/or audio files, one per "
                                                       "line (relative paths: from the list's folder, else the cwd)")
-    parser.add_argument("-w", "--waveglow_path", required=True, help="checkpoint of any flavour")
+    parser.add_argument("-w", "--waveglow_path", help="checkpoint of any flavour")
+    parser.add_argument("--onnx", help="instead of -w: a graph from export.py, run with onnxruntime on the CPU")
     parser.add_argument("-o", "--output_dir", required=True)
     parser.add_argument("-s", "--sigma", type=float, default=None,
                         help=f"noise scale (default 1.0, as upstream; {EVAL_SIGMA} in evaluation)")
@@ -69,6 +70,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.filelist_path and not args.eval_list:
         parser.error("give -f/--filelist_path to synthesise, or --eval_list to evaluate")
+    if bool(args.waveglow_path) == bool(args.onnx):
+        parser.error("give one model: -w/--waveglow_path (a checkpoint) or --onnx (an exported graph)")
+    if args.onnx:  # the graph holds float32 weights for onnxruntime's CPU provider, and no training path
+        unsupported = [flag for flag, given in (("--eval_list", args.eval_list), ("--is_fp16", args.is_fp16),
+                                                ("--compile", args.compile),
+                                                ("--device " + args.device, args.device not in ("auto", "cpu")))
+                       if given]
+        if unsupported:
+            parser.error(f"--onnx runs float32 synthesis on the CPU; drop {', '.join(unsupported)} or use -w")
+        args.device = "cpu"
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.chunk_overlap < 0:
@@ -236,7 +247,7 @@ class Synthesizer:
         batch = torch.full((len(mels), mels[0].size(0), longest), SILENCE, device=self.device)
         z = torch.zeros(len(mels), self.model.n_group, UPSAMPLE_STRIDE * longest // self.model.n_group,
                         device=self.device)
-        for row, (mel, index) in enumerate(zip(mels, indices)):
+        for row, (mel, index) in enumerate(zip(mels, indices, strict=True)):
             batch[row, :, :mel.size(1)] = mel.to(self.device)
             seed = None if self.seed is None else self.seed + index
             z[row, :, :UPSAMPLE_STRIDE * mel.size(1) // self.model.n_group] = \
@@ -277,7 +288,7 @@ def synthesize_list(args, synth, stft_maker, sampling_rate):
         audios, seconds = synth([item[3] for item in batch], [item[1] for item in batch])
         batch_audio = sum(a.numel() for a in audios) / sampling_rate
         total_audio, total_time = total_audio + batch_audio, total_time + seconds
-        for (_, _, path, _), audio in zip(batch, audios):
+        for (_, _, path, _), audio in zip(batch, audios, strict=True):
             out_path = os.path.join(args.output_dir, output_name(path))
             write_wav(out_path, audio, sampling_rate)
             tqdm.write(f"{out_path}: {audio.numel() / sampling_rate:.2f} s of audio, real-time factor "
@@ -340,8 +351,14 @@ def main(argv=None):
         amp_dtype, note = autocast_dtype(device, args.is_fp16, args.amp_dtype)
         if note:
             print(f"note: {note}")
-        model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
-        print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
+        if args.onnx:  # onnxruntime runs the graph; torch still draws the same noise and does the denoiser's STFTs
+            from export import OnnxWaveGlow
+            model = OnnxWaveGlow(args.onnx)
+            checkpoint = model.checkpoint
+        else:
+            model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
+        print(f"Loaded {args.onnx or args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) "
+              f"on {device}")
         if args.compile:  # a second new length recompiles once, for any length
             compile_coupling_networks(model, amp_dtype if device.type == "cpu" else None, dynamic=None)
         data, train_sigma, source = resolve_config(args.config, checkpoint)
