@@ -9,7 +9,8 @@ low precision), the model's FLOP count, training throughput (output audio sample
 inference real-time factor, each with the achieved FLOP/s as a share of the measured limit, and peak
 memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
 (BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside ours so the
-speed-ups are measured in the same run, on the same weights. Inference variants are timed in interleaved
+speed-ups are measured in the same run, on the same weights; on CPUs an onnxruntime row times the graph
+export.py writes (--no_onnx skips it). Inference variants are timed in interleaved
 rounds (median of each), so a drift of the machine's speed hits them alike. GPU timings synchronise the device.
 """
 import argparse
@@ -19,6 +20,7 @@ import json
 import math
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -91,7 +93,7 @@ class BaselineWaveGlow(nn.Module):
         mel = self.group_mel(mel, T)
         x = audio.reshape(B, T // self.n_group, self.n_group).transpose(1, 2)
         outputs, log_s_list, log_det_list = [], [], []
-        for flow, (block, inv) in enumerate(zip(self.WN, self.convinv)):
+        for flow, (block, inv) in enumerate(zip(self.WN, self.convinv, strict=True)):
             if flow % self.n_early_every == 0 and flow > 0:
                 outputs.append(x[:, :self.n_early_size])
                 x = x[:, self.n_early_size:]
@@ -192,13 +194,13 @@ def machine_limit(device, low_dtypes, lengths, matmul_sizes, repeats):
         best = 0.0
         for length in lengths:
             x = torch.randn(1, 256, length, device=device, dtype=dtype)
-            seconds = timed(lambda: F.conv1d(x, w, padding=1), device, repeats)
+            seconds = timed(lambda x=x, w=w: F.conv1d(x, w, padding=1), device, repeats)
             best = max(best, 2 * 512 * 256 * 3 * length / seconds / 1e9)
         limits[f"conv1d {dtype_name(dtype)}"] = best
         best = 0.0
         for size in matmul_sizes:
             a = torch.randn(size, size, device=device, dtype=dtype)
-            seconds = timed(lambda: a @ a, device, repeats)
+            seconds = timed(lambda a=a: a @ a, device, repeats)
             best = max(best, 2 * size ** 3 / seconds / 1e9)
         limits[f"matmul {dtype_name(dtype)}"] = best
     return limits
@@ -240,6 +242,29 @@ def synthesis(model, device, amp, mel, seed=0):
                             generator=torch.Generator(device).manual_seed(seed))
             return model.reverse(mel, 0.6 * z).float()
     return run
+
+
+ONNX_VARIANT = "onnxruntime fp32"
+
+
+def onnxruntime_model(model, device):
+    """export.OnnxWaveGlow of a folded `model`, timed beside the PyTorch variants; None, with a word, where it
+    cannot run (it times onnxruntime's CPU provider; export needs onnx, onnxscript and onnxruntime)."""
+    if device.type != "cpu":
+        print(f"{ONNX_VARIANT}: skipped, it times onnxruntime's CPU provider and this run is on {device}")
+        return None
+    from export import OnnxWaveGlow, export_onnx  # floor 3, imported only for this row
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
+            path = f"{folder}/waveglow.onnx"
+            started = time.perf_counter()
+            export_onnx(model, path)
+            print(f"{ONNX_VARIANT}: exported in {time.perf_counter() - started:.0f} s")
+            return OnnxWaveGlow(path)
+    except RuntimeError as error:  # a package missing
+        print(f"{ONNX_VARIANT}: skipped, {error}")
+        return None
 
 
 def interleaved_seconds(runs, device, rounds):
@@ -292,6 +317,8 @@ def main():
     parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with torch.compile'd coupling networks (compile time not counted)")
+    parser.add_argument("--no_onnx", action="store_true",
+                        help="skip the onnxruntime row (on CPUs; its export takes minutes for config.json's model)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that everything runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -382,6 +409,9 @@ def main():
                            (f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype)]
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
+    onnx_model = None if args.no_onnx else onnxruntime_model(folded, device)
+    if onnx_model is not None:
+        infer_variants.append((ONNX_VARIANT, onnx_model, None))
     torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip
     infer_rtf, snrs = {}, {}
     for seconds in args.infer_seconds:
@@ -395,9 +425,9 @@ def main():
             sync(device)
             memory[name] = peak_memory_mib(device)
         timings = interleaved_seconds(runs, device, repeats)
-        for name, model, amp in infer_variants:
+        for name, _, amp in infer_variants:
             infer_rtf[(name, seconds)] = rtf = mel.size(2) * 256 / sampling_rate / timings[name]
-            if amp is not None:
+            if amp is not None or name == ONNX_VARIANT:
                 snrs[(name, seconds)] = snr_db(audio["ours fp32"], audio[name])
             report("infer", f"{name} {seconds:g}s", rtf, "x realtime", forward_flop * sampling_rate,
                    dtype_name(amp) if amp else "fp32", memory[name])
