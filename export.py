@@ -24,6 +24,7 @@ What we measured, config.json's model on a 2-core AVX2 AMD EPYC (heavily shared,
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -125,14 +126,20 @@ def export_onnx(model, path, opset=None, metadata=None):
     mel = torch.zeros(2, model.n_mel_channels, 4)
     z = torch.zeros(2, model.n_group, 4 * steps_per_frame)
     batch, frames = torch.export.Dim("batch", min=1), torch.export.Dim("frames", min=1)
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch's exporter warns about its own internals (a deprecated pytree check, the naming of the batch axis
-        # it shares between mel and z); nothing a user can act on
-        warnings.filterwarnings("ignore", message=r".*(LeafSpec|axis name: batch)")
-        program = torch.onnx.export(
-            module, (mel, z), None, input_names=["mel", "z"], output_names=["audio"], opset_version=opset,
-            dynamic_shapes={"mel": {0: batch, 2: frames}, "z": {0: batch, 2: steps_per_frame * frames}},
-            dynamo=True, external_data=False, verbose=False)
+    # torch's exporter warns about its own internals (a deprecated pytree check, the naming of the batch axis it
+    # shares between mel and z, torchvision operators this graph never uses); nothing a user can act on
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registry_level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(LeafSpec|axis name: batch)")
+            program = torch.onnx.export(
+                module, (mel, z), None, input_names=["mel", "z"], output_names=["audio"], opset_version=opset,
+                dynamic_shapes={"mel": {0: batch, 2: frames}, "z": {0: batch, 2: steps_per_frame * frames}},
+                dynamo=True, external_data=False, verbose=False)
+    finally:
+        registry_log.setLevel(registry_level)
     program.model.metadata_props.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
     partial = f"{path}.partial"
     try:
