@@ -9,9 +9,9 @@ low precision), the model's FLOP count, training throughput (output audio sample
 inference real-time factor, each with the achieved FLOP/s as a share of the measured limit, and peak
 memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
 (baseline.py's BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside
-ours so the speed-ups are measured in the same run, on the same weights. Inference variants are timed in
-interleaved rounds (median of each), so a drift of the machine's speed hits them alike. GPU timings synchronise
-the device.
+ours so the speed-ups are measured in the same run, on the same weights; on CPUs an onnxruntime row times the
+graph export.py writes (--no_onnx skips it). Inference variants are timed in interleaved rounds (median of
+each), so a drift of the machine's speed hits them alike. GPU timings synchronise the device.
 """
 import argparse
 import copy
@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -151,6 +152,29 @@ def synthesis(model, device, amp, mel, seed=0):
     return run
 
 
+ONNX_VARIANT = "onnxruntime fp32"
+
+
+def onnxruntime_model(model, device):
+    """export.OnnxWaveGlow of a folded `model`, timed beside the PyTorch variants; None, with a word, where it
+    cannot run (it times onnxruntime's CPU provider; export needs onnx, onnxscript and onnxruntime)."""
+    if device.type != "cpu":
+        print(f"{ONNX_VARIANT}: skipped, it times onnxruntime's CPU provider and this run is on {device}")
+        return None
+    from export import OnnxWaveGlow, export_onnx  # floor 3, imported only for this row
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
+            path = f"{folder}/waveglow.onnx"
+            started = time.perf_counter()
+            export_onnx(model, path)
+            print(f"{ONNX_VARIANT}: exported in {time.perf_counter() - started:.0f} s")
+            return OnnxWaveGlow(path)
+    except RuntimeError as error:  # a package missing
+        print(f"{ONNX_VARIANT}: skipped, {error}")
+        return None
+
+
 def interleaved_seconds(runs, device, rounds):
     """Median wall time of each run, timed in rounds that take every run in turn: a drift of the machine's
     speed during the benchmark (shared hosts, clocks) then hits all variants alike, not the last ones."""
@@ -201,6 +225,8 @@ def main():
     parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with torch.compile'd coupling networks (compile time not counted)")
+    parser.add_argument("--no_onnx", action="store_true",
+                        help="skip the onnxruntime row (on CPUs; its export takes minutes for config.json's model)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that everything runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -290,6 +316,9 @@ def main():
                            (f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype)]
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
+    onnx_model = None if args.no_onnx else onnxruntime_model(folded, device)
+    if onnx_model is not None:
+        infer_variants.append((ONNX_VARIANT, onnx_model, None))
     torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip
     infer_rtf, snrs = {}, {}
     for seconds in args.infer_seconds:
@@ -305,7 +334,7 @@ def main():
         timings = interleaved_seconds(runs, device, repeats)
         for name, _, amp in infer_variants:
             infer_rtf[(name, seconds)] = rtf = mel.size(2) * 256 / sampling_rate / timings[name]
-            if amp is not None:
+            if amp is not None or name == ONNX_VARIANT:
                 snrs[(name, seconds)] = snr_db(audio["ours fp32"], audio[name])
             report("infer", f"{name} {seconds:g}s", rtf, "x realtime", forward_flop * sampling_rate,
                    dtype_name(amp) if amp else "fp32", memory[name])

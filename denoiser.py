@@ -14,7 +14,8 @@ class Denoiser(nn.Module):
         self.filter_length = filter_length
         self.hop_length = filter_length // n_overlap
         self.win_length = win_length
-        reference = next(waveglow.parameters())
+        # A model without PyTorch weights (export.OnnxWaveGlow runs a graph in onnxruntime) takes float32 CPU mels.
+        reference = next(waveglow.parameters(), torch.zeros(()))
         shape = (1, waveglow.n_mel_channels, 88)  # 88 frames: about a second, as upstream
         if mode == "zeros":
             mel = torch.zeros(shape, dtype=reference.dtype, device=reference.device)

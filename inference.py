@@ -47,7 +47,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="WaveGlow inference: mels or wavs to speech; --eval_list evaluates")
     parser.add_argument("-f", "--filelist_path", help="list of mel files (.pt or .npy) and/or audio files, one per "
                                                       "line (relative paths: from the list's folder, else the cwd)")
-    parser.add_argument("-w", "--waveglow_path", required=True, help="checkpoint of any flavour")
+    parser.add_argument("-w", "--waveglow_path", help="checkpoint of any flavour")
+    parser.add_argument("--onnx", help="instead of -w: a graph from export.py, run with onnxruntime on the CPU")
     parser.add_argument("-o", "--output_dir", required=True)
     parser.add_argument("-s", "--sigma", type=float, default=None,
                         help=f"noise scale (default 1.0, as upstream; {EVAL_SIGMA} in evaluation)")
@@ -76,6 +77,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.filelist_path and not args.eval_list:
         parser.error("give -f/--filelist_path to synthesise, or --eval_list to evaluate")
+    if bool(args.waveglow_path) == bool(args.onnx):
+        parser.error("give one model: -w/--waveglow_path (a checkpoint) or --onnx (an exported graph)")
+    if args.onnx:  # the graph holds float32 weights for onnxruntime's CPU provider, and no training path
+        unsupported = [flag for flag, given in (("--eval_list", args.eval_list), ("--is_fp16", args.is_fp16),
+                                                ("--compile", args.compile),
+                                                ("--device " + args.device, args.device not in ("auto", "cpu")))
+                       if given]
+        if unsupported:
+            parser.error(f"--onnx runs float32 synthesis on the CPU; drop {', '.join(unsupported)} or use -w")
+        args.device = "cpu"
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.chunk_overlap < 0:
@@ -365,7 +376,7 @@ def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rat
         print(f"Copy-synthesis {label}: {'nan' if means.get(key) is None else f'{means[key]:.6f}'}")
     if total_time > 0:
         print(f"Copy synthesis: {total_audio:.2f} s of audio, real-time factor {total_audio / total_time:.2f}")
-    report = {"checkpoint": args.waveglow_path, "flavour": checkpoint["flavour"], "iteration": checkpoint["iteration"],
+    report = {"checkpoint": args.waveglow_path or args.onnx, "flavour": checkpoint["flavour"], "iteration": checkpoint["iteration"],
               "validation_nll": nll, "nll_sigma": train_sigma, "copy_synthesis_mel_l1": mean_l1,
               "sigma": synth.sigma, "seed": synth.seed, "denoiser_strength": args.denoiser_strength,
               "real_time_factor": total_audio / total_time if total_time > 0 else None,
@@ -378,14 +389,16 @@ def evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rat
 def output_sampling_rate(args, checkpoint, data):
     """The rate the wavs are written at: --sampling_rate, else the checkpoint's (ours record it, other flavours'
     models of upstream's hop are 22050 Hz), else -c's."""
-    recorded = checkpoint_audio(checkpoint, args.waveglow_path)
+    # an ONNX graph (export.py) says its rate and hop in its metadata, a checkpoint by its config and weights
+    model_path = args.waveglow_path or args.onnx
+    recorded = checkpoint.get("audio") or checkpoint_audio(checkpoint, model_path)
     if args.sampling_rate:
         return args.sampling_rate
     if recorded["sampling_rate"] is None and not args.config:
-        raise ValueError(f"{args.waveglow_path} ({checkpoint['flavour']}, hop {recorded['hop_length']}) does not "
+        raise ValueError(f"{model_path} ({checkpoint['flavour']}, hop {recorded['hop_length']}) does not "
                          f"record its sampling rate: pass --sampling_rate, or -c with the config it was trained with")
     if args.config and recorded["sampling_rate"] not in (None, data["sampling_rate"]):
-        print(f"warning: {args.config} says {data['sampling_rate']} Hz, but {args.waveglow_path} was trained at "
+        print(f"warning: {args.config} says {data['sampling_rate']} Hz, but {model_path} was trained at "
               f"{recorded['sampling_rate']} Hz: audio inputs are read at {data['sampling_rate']} Hz, the wavs "
               f"written at {recorded['sampling_rate']} Hz", file=sys.stderr)
     return recorded["sampling_rate"] or int(data["sampling_rate"])
@@ -406,8 +419,14 @@ def main(argv=None):
         amp_dtype, note = autocast_dtype(device, args.is_fp16, args.amp_dtype)
         if note:
             print(f"note: {note}")
-        model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
-        print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
+        if args.onnx:  # onnxruntime runs the graph; torch still draws the same noise and does the denoiser's STFTs
+            from export import OnnxWaveGlow
+            model = OnnxWaveGlow(args.onnx)
+            checkpoint = model.checkpoint
+        else:
+            model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
+        print(f"Loaded {args.onnx or args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) "
+              f"on {device}")
         if args.compile:  # a second new length recompiles once, for any length
             compile_coupling_networks(model, amp_dtype if device.type == "cpu" else None, dynamic=None)
         data, train_sigma, source = checkpoint_data_config(checkpoint, args.config)
@@ -425,7 +444,7 @@ def main(argv=None):
 
         def stft_maker():  # built on first use: only audio inputs need it
             if not stft_cache:
-                check_mel_hop(data, source, model, args.waveglow_path)
+                check_mel_hop(data, source, model, args.waveglow_path or args.onnx)
                 print(f"mel settings of audio inputs from {source}")
                 stft_cache.append(TacotronSTFT.from_config(data, model.n_mel_channels))
             return stft_cache[0]
@@ -434,7 +453,7 @@ def main(argv=None):
         if args.filelist_path:
             failed += synthesize_list(args, synth, stft_maker, sampling_rate)
         if evaluating:
-            check_mel_hop(data, source, model, args.waveglow_path)
+            check_mel_hop(data, source, model, args.waveglow_path or args.onnx)
             failed += evaluate_checkpoint(args, synth, checkpoint, data, train_sigma, sampling_rate)
     except (CheckpointError, ValueError, RuntimeError, OSError, AudioError) as error:
         print(f"error: {error}", file=sys.stderr)
