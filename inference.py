@@ -314,8 +314,8 @@ def main(argv=None):
     try:
         device = select_device(args.device)
         amp_dtype, note = autocast_dtype(device, args.is_fp16, args.amp_dtype)
-        if note:
-            print(f"note: {note}")
+        if note:  # one line: the precision this CPU or GPU runs, where it differs from what was asked
+            print(note if note.startswith("warning:") else f"note: {note}")
         model, checkpoint = load_model(args.waveglow_path, device, for_inference=True)
         print(f"Loaded {args.waveglow_path} ({checkpoint['flavour']}, iteration {checkpoint['iteration']}) on {device}")
         if args.compile:  # a second new length recompiles once, for any length
