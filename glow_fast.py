@@ -1,7 +1,8 @@
 """The measured fast paths behind glow.py's layers: the same math, arranged for the hardware.
 
 glow.py's layers reach them through one hook each: WeightNormConv1d through conv1d(), WN's folded inference
-through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(), and
+through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(),
+WaveGlow.reverse's conditioning through reverse_conditioning() (float32 CPU inference on the mel's frames), and
 Invertible1x1Conv's inverse (and every cached inference weight) through cached_per_dtype(). The layers come
 in as arguments and are read by their attributes only, so this module never imports glow.py.
 """
