@@ -29,7 +29,7 @@ from torch import nn
 
 from baseline import BaselineWaveGlow
 from config import load_config
-from distributed import autocast_dtype, select_device
+from distributed import EMULATED_BF16_SLOWDOWN, autocast_dtype, cpu_capability, select_device
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
 from mel2samp import TacotronSTFT
 
@@ -234,9 +234,9 @@ def main():
     device = select_device(args.device)
     gpu = device.type != "cpu"
     torch.manual_seed(0)
-    low_dtype, note = autocast_dtype(device, True)
+    low_dtype, note = autocast_dtype(device, True)  # None on CPUs without bfloat16 units
     if device.type == "cpu":
-        low_dtypes = [torch.bfloat16]
+        low_dtypes = [torch.bfloat16] if low_dtype is not None else []
     else:
         low_dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float16]
     batch = args.train_batch or (12 if gpu else 2)
@@ -251,7 +251,14 @@ def main():
 
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, {datetime.date.today()}")
-    if note:
+    if device.type == "cpu":
+        capability = cpu_capability()
+        print(f"cpu capability: {capability['isa']}, native bfloat16: {'yes' if capability['bf16'] else 'no'}, "
+              f"native float16: {'yes' if capability['fp16'] else 'no'}, {capability['threads']} threads")
+        if low_dtype is None:
+            print(f"skipped: the bf16 variants and limits (no bfloat16 units here, emulated bf16 is "
+                  f"{EMULATED_BF16_SLOWDOWN}); float32 is this CPU's fast path")
+    elif note:
         print(note)
     lengths = [4096] if args.quick else ([2048, 16384, 65536] if not gpu else [16384, 262144])
     sizes = [512] if args.quick else ([1024, 2048, 3072] if not gpu else [4096, 8192])
@@ -286,7 +293,8 @@ def main():
     train_variants = [("ours fp32", ours, None)]
     if baseline is not None:
         train_variants.insert(0, ("baseline fp32", baseline, None))
-    train_variants.append((f"ours {dtype_name(low_dtype)} autocast", ours, low_dtype))
+    if low_dtype is not None:
+        train_variants.append((f"ours {dtype_name(low_dtype)} autocast", ours, low_dtype))
     if device.type == "cuda":
         train_variants.append(("ours bf16 autocast", ours, torch.bfloat16))
     if args.compile:
@@ -308,12 +316,15 @@ def main():
                dtype_name(amp) if amp else "fp32", memory)
 
     folded = remove_weightnorm(copy.deepcopy(ours)).eval()
-    infer_variants = [("ours fp32", folded, None), (f"ours {dtype_name(low_dtype)} autocast", folded, low_dtype)]
+    infer_variants = [("ours fp32", folded, None)]
+    if low_dtype is not None:
+        infer_variants.append((f"ours {dtype_name(low_dtype)} autocast", folded, low_dtype))
     if args.compile:
+        infer_variants.append(("ours fp32, compiled", compile_coupling_networks(copy.deepcopy(folded)), None))
+    if args.compile and low_dtype is not None:
         # As inference.py --compile: on CPUs the low-precision model keeps its WN weights in that dtype.
         compiled_low = compile_coupling_networks(copy.deepcopy(folded), low_dtype if device.type == "cpu" else None)
-        infer_variants += [("ours fp32, compiled", compile_coupling_networks(copy.deepcopy(folded)), None),
-                           (f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype)]
+        infer_variants.append((f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype))
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
     onnx_model = None if args.no_onnx else onnxruntime_model(folded, device)
@@ -327,10 +338,16 @@ def main():
         audio, memory = {}, {}
         for name, run in runs.items():  # warm-up (and compilation) one variant at a time, for its peak memory
             reset_peak_memory(device)
+            started = time.perf_counter()
             for _ in range(2 if name.endswith("compiled") else 1):
                 audio[name] = run()
             sync(device)
             memory[name] = peak_memory_mib(device)
+            if name.startswith("ours"):
+                # ours builds its inference matrices in the first call that needs them (float32 on CPUs: the
+                # frame-conditioning ones once ~7 s of audio was asked for, glow_fast); the timed runs reuse them
+                print(f"first call of infer {name} {seconds:g}s, building what it caches: "
+                      f"{time.perf_counter() - started:.2f} s")
         timings = interleaved_seconds(runs, device, repeats)
         for name, _, amp in infer_variants:
             infer_rtf[(name, seconds)] = rtf = mel.size(2) * 256 / sampling_rate / timings[name]

@@ -282,9 +282,11 @@ class WaveGlow(nn.Module):
         """Inverse of forward for a given z (B, g, T/g) in forward's channel order -> audio (B, T)."""
         self._check_mel(spect)
         n_samples = z.size(1) * z.size(2)
-        spect = self._group_mel(self._upsample(spect), n_samples)  # (B, n_mel*g, T/g)
-        if spect.size(2) != z.size(2):
-            raise ValueError(f"z covers {n_samples} samples but the mel only {spect.size(2) * self.n_group}")
+        available = UPSAMPLE_STRIDE * spect.size(2) + UPSAMPLE_KERNEL - UPSAMPLE_STRIDE
+        if available < n_samples:
+            raise ValueError(f"z covers {n_samples} samples but the mel only {available // self.n_group * self.n_group}")
+        # (B, n_mel*g, T/g) grouped upsampled mel, or for float32 CPU inference the mel's frames (glow_fast)
+        spect = glow_fast.reverse_conditioning(self, spect, n_samples)
         n_early_outputs = (self.n_flows - 1) // self.n_early_every
         early_end = self.n_early_size * n_early_outputs
         audio = z[:, early_end:]  # (B, n_remaining, T/g)

@@ -1,10 +1,15 @@
 """The measured fast paths behind glow.py's layers: the same math, arranged for the hardware.
 
 glow.py's layers reach them through one hook each: WeightNormConv1d through conv1d(), WN's folded inference
-through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(), and
+through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(),
+WaveGlow.reverse's conditioning through reverse_conditioning() (float32 CPU inference on the mel's frames), and
 Invertible1x1Conv's inverse (and every cached inference weight) through cached_per_dtype(). The layers come
 in as arguments and are read by their attributes only, so this module never imports glow.py.
 """
+import functools
+import math
+import platform
+
 import torch
 import torch.nn.functional as F
 
@@ -26,11 +31,15 @@ def cached_per_dtype(owner, dtype, tensors, build):
     """build()'s result for `dtype`, kept on `owner` until any of `tensors` changes (in-place steps,
     load_state_dict, .to() all change a version, a storage or a device). One entry per dtype: a program that
     alternates float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
-    key = tuple((tensor._version, tensor.data_ptr(), tensor.device) for tensor in tensors)
+    key = _weights_key(tensors)
     caches = owner.__dict__.setdefault("_inference_caches", {})
     if dtype not in caches or caches[dtype][0] != key:
         caches[dtype] = (key, build())
     return caches[dtype][1]
+
+
+def _weights_key(tensors):
+    return tuple((tensor._version, tensor.data_ptr(), tensor.device) for tensor in tensors)
 
 
 def _cached_matrix(layer, weight, bias, dtype):
@@ -51,7 +60,11 @@ def _matmul_dtype(x):
 
     On CPUs with bfloat16 units, oneDNN's bf16 matmul runs WaveGlow's shapes 1.2-1.5x faster than its bf16
     convolution (dilated and long-sequence cases most); float32 training keeps the convolution, as fast there
-    (float32 inference with folded weights takes folded_wn_inference, matrix products too).
+    (float32 inference with folded weights takes folded_wn_inference, matrix products too). Without the units
+    (an explicit bfloat16 on an AVX2 CPU) both forms are emulated, ~0.3 GFLOP/s alike, and torch's own
+    convolution keeps the bf16 autocast semantics with the least code of ours in the way. Float32 training keeps
+    the convolution on AVX2 CPUs too: the matrix form measured 1.00x for the 1x1 layers and 0.92-0.97x for all
+    layers on one config.json WN's forward and backward (1 x 1000 and 2 x 2000 groups, CPU seconds on one core).
     On GPUs, compiled mixed-precision training: there torch.compile fuses the matrix form with its neighbours
     far better than it can around cuDNN's convolution (1.3x the training throughput on an H100, and a
     quarter of the memory). Eager GPU code and inference keep cuDNN, which is faster for them.
@@ -61,8 +74,33 @@ def _matmul_dtype(x):
         return torch.get_autocast_dtype("cuda") if compiled_training and torch.is_autocast_enabled("cuda") else None
     if x.device.type != "cpu":
         return None
+    dtype = _cpu_low_precision(x)
+    return dtype if dtype is not None and cpu_has_bf16_units() else None
+
+
+def _cpu_low_precision(x):
+    """torch.bfloat16 where `x` is bfloat16 or CPU autocast runs in bfloat16, else None."""
     autocast_bfloat16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     return torch.bfloat16 if x.dtype == torch.bfloat16 or autocast_bfloat16 else None
+
+
+@functools.cache
+def cpu_has_bf16_units():
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on ARM): the rule of
+    distributed.cpu_supports_bf16, which chooses a run's precision, restated in short because the model's code
+    never imports the run's set-up (this module sits below it, as glow.py does); tests check that both agree.
+    oneDNN's probe alone also says yes for plain AVX512, where it only emulates bfloat16."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or platform.machine().lower() in (
+            "aarch64", "arm64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().lower().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _inference_outside_compile():
@@ -190,7 +228,9 @@ def folded_wn_inference(wn, audio, spect):
       matrix multiplies, so no bias takes a pass of its own.
     In bfloat16 on CPUs this leaves about a tenth of the time outside the matrix products, which run near the
     machine's peak."""
-    dtype = _matmul_dtype(spect) or spect.dtype
+    if isinstance(spect, MelFrames):
+        return frame_conditioned_wn_inference(wn, audio, spect)
+    dtype = _cpu_low_precision(spect) or spect.dtype  # what autocast asks for, with bfloat16 units or without
     C, batch, length = wn.n_channels, audio.size(0), audio.size(2)
     layers = _wn_inference_matrices(wn, dtype)
     audio = wn.start(audio.to(dtype))
@@ -252,6 +292,153 @@ def _fold_wn_inference_matrices(wn, dtype):
         layers.append(((input_matrix * tanh_rows_doubled).to(dtype).contiguous(),
                        output_matrix.to(dtype).contiguous()))
     return layers
+
+
+class MelFrames:
+    """A mel (B, n_mel, F) as the WNs' conditioning in frame_conditioned_wn_inference, in place of the grouped
+    upsampled mel: one row per block of stride/g groups (the samples of one mel frame), holding the `overlap` =
+    kernel/stride frames the upsampler mixes into that block (frame m, m-1, ...) and a one for the bias."""
+
+    def __init__(self, mel, n_groups, upsample, n_group):
+        stride, overlap = upsample.stride[0], upsample.kernel_size[0] // upsample.stride[0]
+        self.groups_per_frame = stride // n_group
+        self.n_groups, self.upsample, self.n_group, self.device = n_groups, upsample, n_group, mel.device
+        n_blocks = -(-n_groups // self.groups_per_frame)
+        padded = F.pad(mel, (overlap - 1, max(0, n_blocks - mel.size(2))))  # frames before 0 and past the end are 0
+        windows = padded.unfold(2, overlap, 1)[:, :, :n_blocks].flip(3)  # (B, n_mel, n_blocks, overlap): m, m-1, ...
+        rows = windows.permute(0, 2, 3, 1).reshape(mel.size(0), n_blocks, -1)  # (B, n_blocks, overlap*n_mel)
+        self.frames = torch.cat([rows, rows.new_ones(mel.size(0), n_blocks, 1)], 2)  # (B, n_blocks, overlap*n_mel+1)
+
+
+def reverse_conditioning(model, spect, n_samples):
+    """The WNs' conditioning in WaveGlow.reverse: the grouped upsampled mel (B, n_mel*g, T/g), or, for folded
+    float32 inference on a CPU, the mel's frames (MelFrames), on which each WN computes its cond layer directly.
+
+    The upsampler and the cond layer are both linear in the mel, so each cond layer's output for a group is a
+    matrix product over the overlap = 4 mel frames the group's samples come from, with one matrix per phase of
+    the group within its frame (32 for g = 8): 4*80 + 1 inputs per output instead of 8*80, which makes float32
+    inference of config.json's model 21 % fewer multiply-adds. The price: those matrices take 2.0 GB for
+    config.json's model (8 layers x 321 x 32 x 512 floats per WN) and ~320 GMAC to build (a few seconds), so
+    they repay after ~7 s of audio with the same weights. Like buying skis after renting them for their price,
+    a model takes them once it has synthesised that much audio since its weights last changed (or at once after
+    prepare_frame_conditioning); until then, and for bfloat16, the grouped mel. Either way the same math.
+    """
+    n_groups = n_samples // model.n_group
+    if _uses_frame_conditioning(model, spect) and _frame_matrices_pay(model, n_groups):
+        return MelFrames(spect, n_groups, model.upsample, model.n_group)
+    return model._group_mel(model._upsample(spect), n_samples)
+
+
+def prepare_frame_conditioning(model):
+    """Build every WN's frame-conditioning matrices now (folded model), so that float32 CPU inference uses them
+    from the first call; returns their size in bytes. For servers and benchmarks that know much audio will follow."""
+    model.__dict__["_frame_groups_synthesised"] = (_frame_weights_key(model), math.inf)
+    matrices = [_frame_cond_matrices(wn, model.upsample, model.n_group) for wn in model.WN]
+    return sum(matrix.numel() * matrix.element_size() for per_wn in matrices for matrix in per_wn)
+
+
+def _frame_matrices_pay(model, n_groups):
+    """Whether this call of n_groups takes the frame matrices: once the groups synthesised with these weights
+    (this call's too) reach what building them costs, counted in cond-layer multiply-adds saved."""
+    upsample, g = model.upsample, model.n_group
+    n_mel, stride = upsample.weight.size(1), upsample.stride[0]
+    overlap, phases = upsample.kernel_size[0] // stride, stride // g
+    saved_per_group = n_mel * g - (overlap * n_mel + 1)  # per cond-layer output channel
+    if saved_per_group <= 0:
+        return False
+    break_even = n_mel * g * phases * overlap * n_mel / saved_per_group  # 20,500 groups (7.4 s) for config.json
+    key = _frame_weights_key(model)
+    seen_key, seen = model.__dict__.get("_frame_groups_synthesised", (None, 0))
+    seen = (seen if seen_key == key else 0) + n_groups
+    model.__dict__["_frame_groups_synthesised"] = (key, seen)  # a plain attribute, never saved
+    return seen >= break_even
+
+
+def _frame_weights_key(model):
+    layers = [model.upsample] + [layer for wn in model.WN for layer in (wn.cond_layer, *wn.in_layers)]
+    return _weights_key([tensor for layer in layers for tensor in (layer.weight, layer.bias)])
+
+
+def _uses_frame_conditioning(model, spect):
+    upsample = model.upsample
+    stride, kernel_size = upsample.stride[0], upsample.kernel_size[0]
+    return (spect.device.type == "cpu" and spect.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and _inference_outside_compile() and kernel_size % stride == 0 and stride % model.n_group == 0
+            and upsample.weight.dtype == torch.float32
+            and all(wn.start.folded and wn.cond_layer.folded and wn.start.weight.dtype == torch.float32
+                    and getattr(wn, "_compiled_call_impl", None) is None for wn in model.WN))
+
+
+def frame_conditioned_wn_inference(wn, audio, frames):
+    """folded_wn_inference's math in float32 with the cond layer on the mel's frames (reverse_conditioning), laid
+    out time-major: each (T/g, channels) tensor keeps a time step's channels together, so one cond product per
+    layer, (blocks, 4*n_mel+1) @ (4*n_mel+1, 32*2C), lands as (T/g, 2C) rows in place, and each tap of the dilated
+    convolution is a plain row-shifted view of the residual stream (zero rows at both ends are the padding), one
+    accumulating product per tap, with no shifted copies. The gate and the output products as in
+    folded_wn_inference. (B, n_half, T/g) -> (B, n_out, T/g). Measured on one config.json WN against the
+    channel-major folded_wn_inference (CPU seconds, one AVX2 core): 1.03x for 1 s of audio, 1.36x for 5 s;
+    the same layout with the grouped mel's cond product instead gained nothing (0.88x and 1.02x)."""
+    C, length = wn.n_channels, audio.size(2)
+    layers = _wn_inference_matrices(wn, torch.float32)
+    conds = _frame_cond_matrices(wn, frames.upsample, frames.n_group)
+    n_cond, n_out = wn.cond_layer.weight.size(1), layers[-1][1].size(0)
+    kernel_size = wn.in_layers[0].kernel_size
+    pad = max(layer.padding for layer in wn.in_layers)
+    start_matrix = wn.start.weight.squeeze(2).t()  # (n_half, C)
+    outputs = []
+    for item in range(audio.size(0)):  # 2-D products: a batch is rare in inference and costs only the loop
+        state = audio.new_zeros(length + 2 * pad, C + n_out)  # (T/g + 2 pad, C + n_out): residual stream, output
+        body = state[pad:pad + length]
+        body[:, :C] = torch.addmm(wn.start.bias, audio[item].t(), start_matrix)
+        frame_rows = frames.frames[item]  # (n_blocks, 4*n_mel + 1)
+        cond_out = audio.new_empty(frame_rows.size(0), conds[0].size(1))  # (n_blocks, 32*2C)
+        in_act = cond_out.view(-1, 2 * C)[:length]  # (T/g, 2C): (2a, b)
+        acts_and_one = audio.new_empty(length, C + 1)
+        acts_and_one[:, C] = 1
+        negated_acts = acts_and_one[:, :C]
+        for in_layer, (input_matrix, output_matrix), cond in zip(wn.in_layers, layers, conds, strict=True):
+            torch.mm(frame_rows, cond, out=cond_out)  # conditioning and both biases
+            for tap in range(kernel_size):
+                shift = tap * in_layer.dilation - in_layer.padding  # this tap reads the stream at t + shift
+                tap_matrix = input_matrix[:, n_cond + tap * C:n_cond + (tap + 1) * C]  # (2C, C)
+                in_act.addmm_(state[pad + shift:pad + shift + length, :C], tap_matrix.t())
+            tanh_gate, sigmoid_gate = torch.sigmoid_(in_act).split(C, dim=1)
+            torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)
+            target = body if output_matrix.size(0) > n_out else body[:, C:]  # the last layer: skip rows only
+            target.addmm_(acts_and_one, output_matrix.t())
+        outputs.append(body[:, C:].t())
+    return torch.stack(outputs)  # (B, n_out, T/g)
+
+
+def _frame_cond_matrices(wn, upsample, n_group):
+    """Per layer of `wn`, (overlap*n_mel + 1, 32*2C): its rows of the cond layer composed with the upsampler for
+    each phase of a group within its mel frame, the last row all the input biases (the upsampler's through the
+    cond layer, the cond layer's, the in layer's), tanh columns doubled as in _wn_inference_matrices. Kept on the
+    WN until these weights change."""
+    layers = [wn.cond_layer, *wn.in_layers, upsample]
+    tensors = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+    return cached_per_dtype(wn, "frame conditioning", tensors, lambda: _fold_frame_cond_matrices(wn, upsample, n_group))
+
+
+@torch.no_grad()
+def _fold_frame_cond_matrices(wn, upsample, n_group):
+    weight, bias = upsample.weight.float(), upsample.bias.float()  # (n_mel, n_mel, kernel), (n_mel,)
+    n_mel, stride, C = weight.size(0), upsample.stride[0], wn.n_channels
+    overlap, phases = weight.size(2) // stride, stride // n_group
+    # upsampled[c_out, stride*m + g*j + i] = bias[c_out] + sum_q,c_in weight[c_in, c_out, stride*q + g*j + i] mel[c_in, m-q];
+    # the grouped mel's channel is c_out*g + i, so for phase j its (n_mel*g, overlap*n_mel) matrix is:
+    phase_matrices = weight.view(n_mel, n_mel, overlap, phases, n_group).permute(1, 4, 3, 2, 0)
+    phase_matrices = phase_matrices.reshape(n_mel * n_group, phases * overlap * n_mel)  # columns (j, q, c_in)
+    grouped_bias = bias.repeat_interleave(n_group)  # (n_mel*g,)
+    tanh_rows_doubled = torch.cat([torch.full((C,), 2.0), torch.ones(C)]).to(weight.device)
+    conds = []
+    for cond_weight, (input_matrix, _) in zip(wn.cond_layer.weight.squeeze(2).float().split(2 * C),
+                                              _wn_inference_matrices(wn, torch.float32), strict=True):
+        composed = (cond_weight * tanh_rows_doubled[:, None]) @ phase_matrices  # (2C, phases*overlap*n_mel)
+        composed = composed.view(2 * C, phases, overlap * n_mel).permute(2, 1, 0).reshape(overlap * n_mel, -1)
+        biases = input_matrix[:, -1] + tanh_rows_doubled * (cond_weight @ grouped_bias)  # (2C,), tanh rows doubled
+        conds.append(torch.cat([composed, biases.repeat(phases)[None]]).contiguous())  # (overlap*n_mel+1, J*2C)
+    return conds
 
 
 def compile_coupling_networks(model, weights_dtype=None, **options):

@@ -417,8 +417,8 @@ def main(argv=None):
     try:
         device = select_device(args.device)
         amp_dtype, note = autocast_dtype(device, args.is_fp16, args.amp_dtype)
-        if note:
-            print(f"note: {note}")
+        if note:  # one line: the precision this CPU or GPU runs, where it differs from what was asked
+            print(note if note.startswith("warning:") else f"note: {note}")
         if args.onnx:  # onnxruntime runs the graph; torch still draws the same noise and does the denoiser's STFTs
             from export import OnnxWaveGlow
             model = OnnxWaveGlow(args.onnx)

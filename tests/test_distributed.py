@@ -43,7 +43,8 @@ def test_backend_follows_the_device():
         distributed.choose_backend(CPU, "nccl")
 
 
-def test_precision_backends_on_cpu():
+def test_precision_backends_on_cpu(monkeypatch):
+    monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: True)  # a CPU with bf16 units (test_precision.py)
     dtype, note = distributed.autocast_dtype(CPU, True)
     assert dtype == torch.bfloat16 and "bfloat16" in note
     assert distributed.autocast_dtype(CPU, True, "bfloat16") == (torch.bfloat16, "")
@@ -59,7 +60,8 @@ def precision_config(**changes):
     return {"fp16_run": False, "amp_dtype": "auto", "amp_backend": "native", **changes}
 
 
-def test_make_precision_picks_one_set_up_and_describes_it():
+def test_make_precision_picks_one_set_up_and_describes_it(monkeypatch):
+    monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: True)  # a CPU with bf16 units (test_precision.py)
     plain = distributed.make_precision(CPU, precision_config())
     assert (plain.amp_dtype, plain.describe(), plain.uses_apex) == (None, "float32", False)
     assert plain.state_dict() == {"scaler": None, "amp": None}  # as a float32 checkpoint holds them

@@ -372,3 +372,53 @@ def test_compiled_coupling_networks_compute_the_same_flow():
     for (name, p), p_compiled in zip(model.named_parameters(), compiled.parameters(), strict=True):
         assert torch.allclose(p_compiled.grad, p.grad, rtol=1e-4, atol=1e-5), name
     assert (compiled.reverse(mel, z_compiled) - audio).abs().max() < 1e-5
+
+
+def frame_test_model():
+    """A folded model whose every bias and the upsampler's count, with the baseline on the same weights."""
+    model = make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 3})
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.3)
+    baseline = BaselineWaveGlow(**{**TINY_WAVEGLOW, "WN_config": {"n_layers": 3, "n_channels": 16, "kernel_size": 3}})
+    baseline.load_upstream_state_dict(model.state_dict())
+    return remove_weightnorm(model).eval(), baseline
+
+
+@pytest.mark.parametrize("n_frames, n_samples", [(7, 7 * 256), (5, 5 * 256 - 64), (6, 6 * 256 + 512)])
+def test_float32_cpu_inference_on_mel_frames_equals_the_plain_math(monkeypatch, n_frames, n_samples):
+    """Float32 CPU inference with the cond layer composed with the upsampler per mel frame (glow_fast's frame
+    conditioning, time-major WN): the plain float32 model's audio to float32 accuracy, for a batch, for z shorter
+    than the mel and reaching into the upsampler's tail."""
+    model, baseline = frame_test_model()
+    size = glow_fast.prepare_frame_conditioning(model)
+    assert size == 4 * 3 * (4 * 80 + 1) * 32 * 2 * 16 * 4  # flows x layers x (4 frames + 1) x phases x 2C floats
+    calls = []
+    frame_path = glow_fast.frame_conditioned_wn_inference
+    monkeypatch.setattr(glow_fast, "frame_conditioned_wn_inference", lambda *args: calls.append(1) or frame_path(*args))
+    generator = torch.Generator().manual_seed(3)
+    mel, z = torch.randn(2, 80, n_frames, generator=generator), torch.randn(2, 8, n_samples // 8, generator=generator)
+    audio = model.reverse(mel, z)
+    assert len(calls) == 4, "float32 CPU inference did not take the frame-conditioned path"
+    torch.testing.assert_close(audio, baseline.reverse(mel, z), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 keeps the grouped mel and its own path
+        audio_bf16 = model.reverse(mel, z)
+    assert len(calls) == 4 and ((audio_bf16 - audio).norm() / audio.norm()).item() < 2e-2
+
+
+def test_frame_conditioning_is_taken_once_it_has_paid_for_itself():
+    """Without prepare_frame_conditioning a model builds the frame matrices only once it has synthesised as many
+    groups as building them costs (~20,500 groups, 7.4 s at 22 kHz), counted afresh after any weight change;
+    short clips alone never pay for them."""
+    model, _ = frame_test_model()
+    with torch.no_grad():
+        assert not isinstance(glow_fast.reverse_conditioning(model, torch.randn(1, 80, 4), 1024), glow_fast.MelFrames)
+        assert not glow_fast._frame_matrices_pay(model, 10_000)
+        assert not glow_fast._frame_matrices_pay(model, 10_000)
+        assert glow_fast._frame_matrices_pay(model, 1_000)
+        assert glow_fast._frame_matrices_pay(model, 10)  # built: now every call takes them
+        model.WN[1].in_layers[0].weight.mul_(2)
+        assert not glow_fast._frame_matrices_pay(model, 10)  # new weights: count again
+        assert isinstance(glow_fast.reverse_conditioning(model, torch.randn(1, 80, 700), 700 * 256), glow_fast.MelFrames)
+    assert not isinstance(glow_fast.reverse_conditioning(model, torch.randn(1, 80, 4), 1024), glow_fast.MelFrames)
