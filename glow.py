@@ -282,7 +282,8 @@ class WaveGlow(nn.Module):
         """Inverse of forward for a given z (B, g, T/g) in forward's channel order -> audio (B, T)."""
         self._check_mel(spect)
         n_samples = z.size(1) * z.size(2)
-        available = UPSAMPLE_STRIDE * spect.size(2) + UPSAMPLE_KERNEL - UPSAMPLE_STRIDE
+        hop, kernel = self.hop_length, self.upsample.kernel_size[0]
+        available = hop * spect.size(2) + kernel - hop
         if available < n_samples:
             raise ValueError(f"z covers {n_samples} samples but the mel only {available // self.n_group * self.n_group}")
         # (B, n_mel*g, T/g) grouped upsampled mel, or for float32 CPU inference the mel's frames (glow_fast)
