@@ -76,6 +76,8 @@ def accumulated(corpus):
 def one_update(corpus, folder, batch_size, grad_accum_steps):
     """(train_step's results, gradients, weights after the step) of one update on the corpus's first 4 clips,
     from the seeded weights with the end layers perturbed, so that every layer has a gradient."""
+    folder = folder / f"batch{batch_size}_steps{grad_accum_steps}"  # a run's own output directory (its lock)
+    folder.mkdir()
     config, _ = resolve_config(["-c", str(write_config(folder, corpus / "train.txt", batch_size=batch_size,
                                                        grad_accum_steps=grad_accum_steps))])
     run_ = train.set_up(config)
