@@ -8,6 +8,10 @@ Flavours read (see load_checkpoint):
   ascend            the Ascend ModelZoo port's Conv2d-shaped weights  } describes each and why nothing in a
   nvidia-dle        NVIDIA DeepLearningExamples' 'state_dict'         } checkpoint ever runs as code
 
+Every flavour's upsampler tells its hop (kernel = 4 x hop); ours record the sampling rate in their config,
+others count as 22050 Hz at upstream's hop of 256 (checkpoint_audio). fit_weights decides what a resume or
+warm start takes from a checkpoint, and names the config keys that keep it from fitting.
+
     python checkpoint.py INPUT OUTPUT      # any flavour -> this project's format
 """
 import argparse
@@ -177,7 +181,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def waveglow_config_from_state_dict(state_dict):
-    """WaveGlow constructor arguments read off the weight shapes of a normalised state dict."""
+    """WaveGlow constructor arguments read off the weight shapes of a normalised state dict (the hop, a keyword of
+    the constructor, from hop_length_from_state_dict)."""
     try:
         n_mel_channels = state_dict["upsample.weight"].shape[0]
         n_flows = len({int(m.group(1)) for m in (re.match(r"WN\.(\d+)\.", k) for k in state_dict) if m})

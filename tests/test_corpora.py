@@ -196,6 +196,28 @@ def test_other_flavours_tell_their_hop_by_their_upsampler_and_are_22050_hz_at_up
     assert (written.samplerate, written.frames) == (16000, 200 * 6)
 
 
+def test_converting_another_flavour_records_its_hop_and_known_rate(tmp_path):
+    from checkpoint import convert
+    torch.manual_seed(0)
+    for hop, rate in ((256, 22050), (200, None)):
+        source = ascend_checkpoint(tmp_path / f"a{hop}.pt", WaveGlow(**TINY, hop_length=hop))
+        assert convert(source, tmp_path / f"ours{hop}") == "ascend"
+        converted = load_checkpoint(tmp_path / f"ours{hop}")
+        assert converted["config"]["data_config"] == ({"sampling_rate": rate, "hop_length": hop} if rate else
+                                                      {"hop_length": hop})
+        assert checkpoint_audio(converted) == {"sampling_rate": rate, "hop_length": hop}
+        assert build_model(converted).hop_length == hop
+
+
+def test_a_hop_longer_than_the_window_is_refused(tmp_path):
+    path = tiny_config(tmp_path, "16k_hop200", training_files="train.txt")
+    config = json.loads(path.read_text())
+    config["data_config"].update(hop_length=1000, segment_length=8000)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="data_config.hop_length 1000 exceeds win_length 800"):
+        resolve_config(["-c", str(path)])
+
+
 def test_audio_inputs_need_mel_settings_of_the_models_hop(tmp_path):
     torch.manual_seed(0)
     checkpoint = ascend_checkpoint(tmp_path / "a200.pt", WaveGlow(**TINY, hop_length=200))
