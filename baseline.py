@@ -18,6 +18,7 @@ class BaselineWaveGlow(nn.Module):
         weight_norm = torch.nn.utils.parametrizations.weight_norm
         C, L, k = WN_config["n_channels"], WN_config["n_layers"], WN_config["kernel_size"]
         self.n_group, self.n_early_every, self.n_early_size, self.C, self.L = n_group, n_early_every, n_early_size, C, L
+        self.hop_length = hop_length
         self.upsample = nn.ConvTranspose1d(n_mel_channels, n_mel_channels, 4 * hop_length, stride=hop_length)
         self.WN, self.convinv = nn.ModuleList(), nn.ModuleList()
         remaining = n_group

@@ -38,7 +38,7 @@ def macs_per_sample(model):
     """Forward multiply-adds per output sample, from the layer shapes (weight norm folded; biases ignored).
 
     Every WN and 1x1-conv layer runs once per group of n_group samples, with out*in*k MACs each time; the
-    upsampler makes 256 samples per mel frame with 80*80*1024 MACs per frame.
+    upsampler makes hop samples per mel frame with 80*80*(4 hop) MACs per frame.
     """
     per_group = 0
     for flow in range(model.n_flows):
@@ -124,7 +124,7 @@ def training_throughput(model, device, amp, batch, segment, steps, fused_adam, w
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = WaveGlowLoss(1.0)
-    mel = torch.randn(batch, 80, segment // 256 + 1, device=device)
+    mel = torch.randn(batch, 80, segment // model.hop_length + 1, device=device)
     audio = torch.rand(batch, segment, device=device) * 2 - 1
 
     def step():
@@ -146,7 +146,7 @@ def synthesis(model, device, amp, mel, seed=0):
 
     def run():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            z = torch.randn(1, model.n_group, mel.size(2) * 256 // model.n_group, device=device,
+            z = torch.randn(1, model.n_group, mel.size(2) * model.hop_length // model.n_group, device=device,
                             generator=torch.Generator(device).manual_seed(seed))
             return model.reverse(mel, 0.6 * z).float()
     return run
@@ -194,13 +194,14 @@ def snr_db(reference, test):
     return 10 * math.log10(reference.double().pow(2).sum().item() / max(noise.item(), 1e-30))
 
 
-def speech_mel(seconds, device, sampling_rate=22050):
+def speech_mel(seconds, device, data_config):
     """Mel of a pitch-gliding harmonic signal: realistic conditioning without any data files."""
+    sampling_rate = data_config["sampling_rate"]
     t = torch.arange(int(seconds * sampling_rate), dtype=torch.float64) / sampling_rate
     phase = 2 * math.pi * torch.cumsum(120 * (1 + 0.2 * torch.sin(2 * math.pi * 1.3 * t)), 0) / sampling_rate
     signal = sum(torch.sin(h * phase) / h for h in range(1, 15)) * 0.3
-    mel = TacotronSTFT(sampling_rate=sampling_rate).mel_spectrogram(signal.float().unsqueeze(0))
-    return mel[:, :, :int(seconds * sampling_rate) // 256].to(device)
+    mel = TacotronSTFT.from_config(data_config).mel_spectrogram(signal.float().unsqueeze(0))
+    return mel[:, :, :int(seconds * sampling_rate) // data_config["hop_length"]].to(device)
 
 
 def trained_like(model, seed=0):
@@ -247,7 +248,7 @@ def main():
         batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5]
     config = load_config(args.config)  # merged with the defaults, so a config may leave model keys out
     waveglow_config = config["waveglow_config"]
-    sampling_rate = config["data_config"]["sampling_rate"]
+    sampling_rate, hop_length = config["data_config"]["sampling_rate"], config["data_config"]["hop_length"]
 
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, {datetime.date.today()}")
@@ -269,7 +270,7 @@ def main():
     for dtype in low_dtypes:
         peak[dtype_name(dtype)] = max(limits[f"conv1d {dtype_name(dtype)}"], limits[f"matmul {dtype_name(dtype)}"])
 
-    ours = trained_like(WaveGlow(**waveglow_config)).to(device)
+    ours = trained_like(WaveGlow(**waveglow_config, hop_length=hop_length)).to(device)
     macs = macs_per_sample(remove_weightnorm(copy.deepcopy(ours)))
     forward_flop = 2 * macs
     print(f"model: {sum(p.numel() for p in ours.parameters()):,} parameters; {macs * waveglow_config['n_group'] / 1e6:.1f} M "
@@ -288,7 +289,7 @@ def main():
 
     baseline = None
     if not args.no_baseline:
-        baseline = BaselineWaveGlow(**waveglow_config).to(device)
+        baseline = BaselineWaveGlow(**waveglow_config, hop_length=hop_length).to(device)
         baseline.load_upstream_state_dict(ours.state_dict())
     train_variants = [("ours fp32", ours, None)]
     if baseline is not None:
@@ -333,7 +334,7 @@ def main():
     torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip
     infer_rtf, snrs = {}, {}
     for seconds in args.infer_seconds:
-        mel = speech_mel(seconds, device, sampling_rate)
+        mel = speech_mel(seconds, device, config["data_config"])
         runs = {name: synthesis(model, device, amp, mel) for name, model, amp in infer_variants}
         audio, memory = {}, {}
         for name, run in runs.items():  # warm-up (and compilation) one variant at a time, for its peak memory
@@ -350,7 +351,7 @@ def main():
                       f"{time.perf_counter() - started:.2f} s")
         timings = interleaved_seconds(runs, device, repeats)
         for name, _, amp in infer_variants:
-            infer_rtf[(name, seconds)] = rtf = mel.size(2) * 256 / sampling_rate / timings[name]
+            infer_rtf[(name, seconds)] = rtf = mel.size(2) * hop_length / sampling_rate / timings[name]
             if amp is not None or name == ONNX_VARIANT:
                 snrs[(name, seconds)] = snr_db(audio["ours fp32"], audio[name])
             report("infer", f"{name} {seconds:g}s", rtf, "x realtime", forward_flop * sampling_rate,

@@ -140,7 +140,8 @@ def export_onnx(model, path, opset=None, metadata=None):
                 dynamo=True, external_data=False, verbose=False)
     finally:
         registry_log.setLevel(registry_level)
-    program.model.metadata_props.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
+    metadata = {"hop_length": model.hop_length, **(metadata or {})}  # the graph's noise is hop x F samples long
+    program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
     partial = f"{path}.partial"
     try:
         program.save(partial)
