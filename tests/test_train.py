@@ -291,11 +291,19 @@ def test_nonfinite_steps_in_a_row_stop_the_run(corpus, tmp_path, monkeypatch):
     assert all(torch.equal(last[name], weight) for name, weight in good.items())
 
 
-def test_fp16_run_on_cpu_trains_in_bfloat16_and_upstream_rank_flags(corpus, tmp_path):
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_fp16_run_on_cpu_trains_by_the_cpus_units_and_upstream_rank_flags(corpus, tmp_path, monkeypatch, bf16_units):
+    """fp16_run on a CPU: bfloat16 where the CPU has bfloat16 units, float32 (said in one note) where it has not."""
+    import distributed
+    monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: bf16_units)
     config = write_config(tmp_path, corpus, step_stop=2)
     code, log, err = run(["-c", config, "-fp16_run", "true", "-r", "0", "-g", "group_1"])
     assert code == 0, err
-    assert "precision torch.bfloat16" in log and "bfloat16" in log.split("note:")[1]
+    precision_note = log.split("note:")[1].splitlines()[0]
+    if bf16_units:
+        assert "precision torch.bfloat16" in log and "bfloat16 units" in precision_note
+    else:
+        assert "precision float32" in log and "running float32" in precision_note
     assert sorted(losses(log)) == [1, 2] and all(float(v) == float(v) for v in losses(log).values())
 
 
