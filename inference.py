@@ -33,9 +33,10 @@ from distributed import autocast_dtype, select_device
 from evaluate import (SCORE_LABELS, copy_synthesis_score, json_safe, mean_scores, plot_mel_comparison,
                       require_score_packages, validation_nll, vocoder_scores)
 from glow import compile_coupling_networks
-from mel2samp import MAX_WAV_VALUE, AudioError, Mel2Samp, TacotronSTFT, files_to_list, load_wav_to_torch
+from mel2samp import (MAX_WAV_VALUE, SILENT_LOG_MEL, AudioError, Mel2Samp, TacotronSTFT, files_to_list,
+                      load_wav_to_torch)
 
-SILENCE = math.log(1e-5)  # the log-mel floor: what padding frames hold
+SILENCE = SILENT_LOG_MEL  # the log-mel floor: what padding frames hold
 EVAL_SIGMA, EVAL_SEED = 0.6, 1234
 
 
