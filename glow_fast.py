@@ -187,22 +187,60 @@ class _MatmulConv1d(torch.autograd.Function):
 def upsample(spect, layer):
     """layer(spect) for the mel upsampler, an nn.ConvTranspose1d: (B, n_mel, F) -> (B, n_mel, s*F + k - s).
 
-    On CPUs as one matrix product and k/s shifted adds: oneDNN builds a new deconvolution kernel for every new
-    input shape, which takes seconds for the 1024-tap upsampler (ruinous for inference on mels of varying
-    length), and torch's fallback kernel is slow; a matmul has neither problem, in float32 or bfloat16.
+    On CPUs as one matrix product and k/s shifted adds (_CpuUpsample): oneDNN builds a new deconvolution kernel
+    for every new input shape, which takes seconds for the 1024-tap upsampler (ruinous for inference on mels of
+    varying length), and torch's fallback kernel is slow; a matmul has neither problem, in float32 or bfloat16.
     """
     if spect.device.type != "cpu":
         return layer(spect)
-    weight, bias, stride = layer.weight, layer.bias, layer.stride[0]
-    batch, channels, n_frames = spect.shape  # (B, C_in, F)
-    _, out_channels, kernel_size = weight.shape
-    overlap = kernel_size // stride
-    cols = torch.matmul(spect.transpose(1, 2), weight.reshape(channels, -1))  # (B, F, C_out*k)
-    cols = cols.view(batch, n_frames, out_channels, overlap, stride)
-    out = cols.new_zeros(batch, out_channels, n_frames + overlap - 1, stride)
-    for q in range(overlap):  # frame f's q-th block of s samples lands in output block f + q
-        out[:, :, q:q + n_frames] += cols[:, :, :, q].permute(0, 2, 1, 3)
-    return out.view(batch, out_channels, -1) + bias.unsqueeze(1).to(out.dtype)  # (B, C_out, s*F + k - s)
+    return _CpuUpsample.apply(spect, layer.weight, layer.bias, layer.stride[0])
+
+
+class _CpuUpsample(torch.autograd.Function):
+    """The transposed convolution as out[f + q] += spect[f] @ W_q over the k/s blocks q of s taps, with its own
+    backward: autograd's backward of those shifted adds allocated and zero-filled a full-size gradient of the
+    (B, F, C_out, k) products for each q and summed them, half of the upsampler's training time. Here each
+    product's gradient is written once, and the weight's gradient is one matrix product, with the same sums in
+    the same order as autograd's (bit-identical gradients). Measured for demo/config_demo.json's training step,
+    batch 4 x 4096 samples, one AVX2 core: the upsampler's forward and backward 219 ms -> 121 ms; for
+    config.json's, 2 x 16000 samples on two cores: 282 ms -> 132 ms."""
+
+    @staticmethod
+    def forward(ctx, spect, weight, bias, stride):
+        batch, channels, n_frames = spect.shape  # (B, C_in, F)
+        _, out_channels, kernel_size = weight.shape
+        overlap = kernel_size // stride
+        ctx.save_for_backward(spect, weight)
+        ctx.stride = stride
+        cols = torch.matmul(spect.transpose(1, 2), weight.reshape(channels, -1))  # (B, F, C_out*k)
+        cols = cols.view(batch, n_frames, out_channels, overlap, stride)
+        out = cols.new_zeros(batch, out_channels, n_frames + overlap - 1, stride)
+        for q in range(overlap):  # frame f's q-th block of s samples lands in output block f + q
+            out[:, :, q:q + n_frames] += cols[:, :, :, q].permute(0, 2, 1, 3)
+        return out.view(batch, out_channels, -1) + bias.unsqueeze(1).to(out.dtype)  # (B, C_out, s*F + k - s)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        spect, weight = ctx.saved_tensors
+        stride = ctx.stride
+        batch, channels, n_frames = spect.shape
+        _, out_channels, kernel_size = weight.shape
+        overlap = kernel_size // stride
+        blocks = grad_out.view(batch, out_channels, n_frames + overlap - 1, stride)
+        grad_cols = grad_out.new_empty(batch, n_frames, out_channels, overlap, stride)
+        for q in range(overlap):
+            grad_cols[:, :, :, q] = blocks[:, :, q:q + n_frames].permute(0, 2, 1, 3)
+        grad_cols = grad_cols.view(batch * n_frames, out_channels * kernel_size)  # (B*F, C_out*k)
+        grad_spect = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_spect = torch.mm(grad_cols, weight.reshape(channels, -1).t().to(grad_cols.dtype))
+            grad_spect = grad_spect.view(batch, n_frames, channels).transpose(1, 2).to(spect.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(spect.transpose(1, 2).reshape(-1, channels).t().to(grad_cols.dtype), grad_cols)
+            grad_weight = grad_weight.view_as(weight).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2)).to(weight.dtype)
+        return grad_spect, grad_weight, grad_bias, None
 
 
 def uses_folded_wn_inference(wn, spect):

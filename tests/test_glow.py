@@ -105,6 +105,23 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
+@pytest.mark.parametrize("hop, n_frames, batch_size", [(256, 5, 2), (200, 3, 1), (4, 7, 3)])
+def test_cpu_upsampler_and_its_gradients_equal_the_transposed_convolution(hop, n_frames, batch_size):
+    torch.manual_seed(0)
+    layer = torch.nn.ConvTranspose1d(6, 6, 4 * hop, stride=hop).double()
+    spect = torch.randn(batch_size, 6, n_frames, dtype=torch.float64, requires_grad=True)
+    weight_of_output = torch.randn(batch_size, 6, hop * n_frames + 3 * hop, dtype=torch.float64)
+    grads = []
+    for upsample in (layer, lambda x: glow_fast.upsample(x, layer)):
+        layer.zero_grad()
+        spect.grad = None
+        out = upsample(spect)
+        (out * weight_of_output).sum().backward()
+        grads.append((out.detach(), spect.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for reference, ours in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
 def test_loss_does_not_mutate_its_inputs():
     model = make_model()
     output = model(batch())
