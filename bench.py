@@ -10,8 +10,11 @@ inference real-time factor, each with the achieved FLOP/s as a share of the meas
 memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
 (baseline.py's BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside
 ours so the speed-ups are measured in the same run, on the same weights; on CPUs an onnxruntime row times the
-graph export.py writes (--no_onnx skips it). Inference variants are timed in interleaved rounds (median of
-each), so a drift of the machine's speed hits them alike. GPU timings synchronise the device.
+graph export.py writes (--onnx). Inference variants are timed in interleaved rounds (median of each), so a
+drift of the machine's speed hits them alike. GPU timings synchronise the device. Float32 inference on CPUs
+is timed as a model runs once it has synthesised ~7 s of audio (a server, a long list of clips): with its
+frame-conditioning matrices (glow_fast.reverse_conditioning), whose build time is printed; the row "first ~7 s
+of audio" times the path before them.
 """
 import argparse
 import copy
@@ -31,6 +34,7 @@ from baseline import BaselineWaveGlow
 from config import load_config
 from distributed import EMULATED_BF16_SLOWDOWN, autocast_dtype, cpu_capability, select_device
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
+from glow_fast import frame_conditioning_built, prepare_frame_conditioning
 from mel2samp import TacotronSTFT
 
 
@@ -175,18 +179,34 @@ def onnxruntime_model(model, device):
         return None
 
 
-def interleaved_seconds(runs, device, rounds):
+def interleaved_seconds(runs, device, rounds, first_round=None):
     """Median wall time of each run, timed in rounds that take every run in turn: a drift of the machine's
-    speed during the benchmark (shared hosts, clocks) then hits all variants alike, not the last ones."""
+    speed during the benchmark (shared hosts, clocks) then hits all variants alike, not the last ones.
+    first_round(name, output), if given, sees each run's output in the first round, its peak memory counted
+    from just before it (so long runs need no warm-up call of their own)."""
     seconds = {name: [] for name in runs}
-    for _ in range(rounds):
+    for round_index in range(rounds):
         for name, run in runs.items():
+            if first_round is not None and round_index == 0:
+                reset_peak_memory(device)
             sync(device)
             start = time.perf_counter()
-            run()
+            output = run()
             sync(device)
             seconds[name].append(time.perf_counter() - start)
+            if first_round is not None and round_index == 0:
+                first_round(name, output)
     return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def time_before_frame_matrices(run, model, audio_seconds):
+    """Real-time factor of one call of `run` on float32 `model` before it has frame-conditioning matrices (the
+    folded path of a model's first ~7 s of audio, glow_fast.reverse_conditioning), or None where this call
+    would build them."""
+    started = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - started
+    return None if frame_conditioning_built(model) else audio_seconds / elapsed
 
 
 def snr_db(reference, test):
@@ -226,8 +246,9 @@ def main():
     parser.add_argument("--no_baseline", action="store_true", help="skip the plain float32 yardstick")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with torch.compile'd coupling networks (compile time not counted)")
-    parser.add_argument("--no_onnx", action="store_true",
-                        help="skip the onnxruntime row (on CPUs; its export takes minutes for config.json's model)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time the onnxruntime graph export.py writes (CPUs; the export of config.json's "
+                             "model takes minutes, which is why it is not part of the default run)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks that everything runs")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -245,7 +266,7 @@ def main():
     steps = args.train_steps or (10 if gpu else 2)
     repeats = args.repeats or (10 if gpu else 3)
     if args.quick:
-        batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5]
+        batch, segment, steps, repeats, args.infer_seconds = 1, 2048, 1, 1, [0.5, 1.0]
     config = load_config(args.config)  # merged with the defaults, so a config may leave model keys out
     waveglow_config = config["waveglow_config"]
     sampling_rate, hop_length = config["data_config"]["sampling_rate"], config["data_config"]["hop_length"]
@@ -328,16 +349,21 @@ def main():
         infer_variants.append((f"ours {dtype_name(low_dtype)} autocast, compiled", compiled_low, low_dtype))
     if baseline is not None:
         infer_variants.insert(0, ("baseline fp32", baseline, None))
-    onnx_model = None if args.no_onnx else onnxruntime_model(folded, device)
+    onnx_model = onnxruntime_model(folded, device) if args.onnx else None
     if onnx_model is not None:
         infer_variants.append((ONNX_VARIANT, onnx_model, None))
     torch.backends.cudnn.benchmark = False  # inference.py meets a new length with every clip
     infer_rtf, snrs = {}, {}
-    for seconds in args.infer_seconds:
+    for index, seconds in enumerate(args.infer_seconds):
         mel = speech_mel(seconds, device, config["data_config"])
         runs = {name: synthesis(model, device, amp, mel) for name, model, amp in infer_variants}
         audio, memory = {}, {}
-        for name, run in runs.items():  # warm-up (and compilation) one variant at a time, for its peak memory
+        # Warm-up, one variant at a time for its peak memory: every variant at the first length (first calls build
+        # caches and kernels), compiled ones at each (they compile for a new shape). Other runs take their peak
+        # memory and output from the first timed round.
+        for name, run in runs.items():
+            if index > 0 and not name.endswith("compiled"):
+                continue
             reset_peak_memory(device)
             started = time.perf_counter()
             for _ in range(2 if name.endswith("compiled") else 1):
@@ -345,11 +371,23 @@ def main():
             sync(device)
             memory[name] = peak_memory_mib(device)
             if name.startswith("ours"):
-                # ours builds its inference matrices in the first call that needs them (float32 on CPUs: the
-                # frame-conditioning ones once ~7 s of audio was asked for, glow_fast); the timed runs reuse them
                 print(f"first call of infer {name} {seconds:g}s, building what it caches: "
                       f"{time.perf_counter() - started:.2f} s")
-        timings = interleaved_seconds(runs, device, repeats)
+        if device.type == "cpu" and not frame_conditioning_built(folded):
+            cold_rtf = time_before_frame_matrices(runs["ours fp32"], folded, mel.size(2) * hop_length / sampling_rate)
+            if cold_rtf is not None:
+                report("infer", f"ours fp32 {seconds:g}s, first ~7 s of audio", cold_rtf, "x realtime",
+                       forward_flop * sampling_rate, "fp32", memory["ours fp32"])
+            started = time.perf_counter()
+            size = prepare_frame_conditioning(folded)
+            print(f"ours fp32: frame-conditioning matrices built in {time.perf_counter() - started:.1f} s "
+                  f"({size / 2 ** 30:.1f} GiB), as a model does by itself once it has synthesised ~7 s of audio; "
+                  f"the timed runs use them")
+
+        def first_round(name, output):
+            audio.setdefault(name, output)
+            memory[name] = max(memory.get(name, 0), peak_memory_mib(device))
+        timings = interleaved_seconds(runs, device, repeats, first_round)
         for name, _, amp in infer_variants:
             infer_rtf[(name, seconds)] = rtf = mel.size(2) * hop_length / sampling_rate / timings[name]
             if amp is not None or name == ONNX_VARIANT:

@@ -453,9 +453,25 @@ def _frame_cond_matrices(wn, upsample, n_group):
     each phase of a group within its mel frame, the last row all the input biases (the upsampler's through the
     cond layer, the cond layer's, the in layer's), tanh columns doubled as in _wn_inference_matrices. Kept on the
     WN until these weights change."""
+    return cached_per_dtype(wn, FRAME_MATRICES, _frame_cond_tensors(wn, upsample),
+                            lambda: _fold_frame_cond_matrices(wn, upsample, n_group))
+
+
+FRAME_MATRICES = "frame conditioning"  # their key among a WN's cached inference matrices
+
+
+def _frame_cond_tensors(wn, upsample):
     layers = [wn.cond_layer, *wn.in_layers, upsample]
-    tensors = [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
-    return cached_per_dtype(wn, "frame conditioning", tensors, lambda: _fold_frame_cond_matrices(wn, upsample, n_group))
+    return [tensor for layer in layers for tensor in (layer.weight, layer.bias)]
+
+
+def frame_conditioning_built(model):
+    """Whether every WN of `model` holds frame-conditioning matrices made from its current weights."""
+    for wn in model.WN:
+        entry = wn.__dict__.get("_inference_caches", {}).get(FRAME_MATRICES)
+        if entry is None or entry[0] != _weights_key(_frame_cond_tensors(wn, model.upsample)):
+            return False
+    return True
 
 
 @torch.no_grad()

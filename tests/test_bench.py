@@ -53,3 +53,8 @@ def test_quick_run_reports_capability_and_skips_what_the_cpu_has_no_units_for(tm
     assert not any("bf16" in variant for variant in variants)
     assert all(row["rate"] > 0 and row["peak_key"] == "fp32" for row in rows)
     assert "inference speed-up over the float32 baseline, 0.5 s, ours fp32" in out
+    # float32 inference is timed with the frame-conditioning matrices, built once and said so; the path before
+    # them has its own row at the first length, and the second length reuses them
+    assert out.count("frame-conditioning matrices built in") == 1
+    assert {"ours fp32 0.5s, first ~7 s of audio", "ours fp32 1s", "baseline fp32 1s"} <= variants
+    assert "ours fp32 1s, first ~7 s of audio" not in variants
