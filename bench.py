@@ -384,7 +384,7 @@ def main():
                   f"({size / 2 ** 30:.1f} GiB), as a model does by itself once it has synthesised ~7 s of audio; "
                   f"the timed runs use them")
 
-        def first_round(name, output):
+        def first_round(name, output, audio=audio, memory=memory):
             audio.setdefault(name, output)
             memory[name] = max(memory.get(name, 0), peak_memory_mib(device))
         timings = interleaved_seconds(runs, device, repeats, first_round)
