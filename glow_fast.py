@@ -202,8 +202,8 @@ class _CpuUpsample(torch.autograd.Function):
     (B, F, C_out, k) products for each q and summed them, half of the upsampler's training time. Here each
     product's gradient is written once, and the weight's gradient is one matrix product, with the same sums in
     the same order as autograd's (bit-identical gradients). Measured for demo/config_demo.json's training step,
-    batch 4 x 4096 samples, one AVX2 core: the upsampler's forward and backward 219 ms -> 121 ms; for
-    config.json's, 2 x 16000 samples on two cores: 282 ms -> 132 ms."""
+    batch 4 x 4096 samples, one AVX2 core: the upsampler's forward and backward 220 ms -> 100-145 ms (runs
+    vary); for config.json's, 2 x 16000 samples on two cores: 282 ms -> 132 ms."""
 
     @staticmethod
     def forward(ctx, spect, weight, bias, stride):
