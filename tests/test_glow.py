@@ -439,3 +439,17 @@ def test_frame_conditioning_is_taken_once_it_has_paid_for_itself():
         assert not glow_fast._frame_matrices_pay(model, 10)  # new weights: count again
         assert isinstance(glow_fast.reverse_conditioning(model, torch.randn(1, 80, 700), 700 * 256), glow_fast.MelFrames)
     assert not isinstance(glow_fast.reverse_conditioning(model, torch.randn(1, 80, 4), 1024), glow_fast.MelFrames)
+
+
+def test_a_copy_of_a_model_with_frame_matrices_builds_its_own_and_synthesises_the_same():
+    """The cached inference matrices (oneDNN's packed ones cannot be copied) stay with their model: a deepcopy or
+    a pickle starts without them, builds its own, and gives the same audio."""
+    import pickle
+    model, _ = frame_test_model()
+    assert glow_fast.prepare_frame_conditioning(model) > 0 and glow_fast.frame_conditioning_built(model)
+    mel = torch.randn(1, 80, 9)
+    audio = model.infer(mel, sigma=0.6, seed=3)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not glow_fast.frame_conditioning_built(twin)
+        glow_fast.prepare_frame_conditioning(twin)
+        torch.testing.assert_close(twin.infer(mel, sigma=0.6, seed=3), audio, rtol=0, atol=1e-6)
