@@ -422,9 +422,9 @@ def _uses_frame_conditioning(model, spect):
 def frame_conditioned_wn_inference(wn, audio, frames):
     """folded_wn_inference's math in float32 with the cond layer on the mel's frames (reverse_conditioning), laid
     out time-major: each (T/g, channels) tensor keeps a time step's channels together, so one cond product per
-    layer, (blocks, 4*n_mel+1) @ (4*n_mel+1, 32*2C), lands as (T/g, 2C) rows in place, and each tap of the dilated
-    convolution is a plain row-shifted view of the residual stream (zero rows at both ends are the padding), one
-    accumulating product per tap, with no shifted copies. The gate and the output products as in
+    layer, (blocks, 4*n_mel+1) @ (4*n_mel+1, 32*2C) (_frame_product), lands as (T/g, 2C) rows, and each tap of
+    the dilated convolution is a plain row-shifted view of the residual stream (zero rows at both ends are the
+    padding), one accumulating product per tap, with no shifted copies. The gate and the output products as in
     folded_wn_inference. (B, n_half, T/g) -> (B, n_out, T/g). Measured on one config.json WN against the
     channel-major folded_wn_inference (CPU seconds, one AVX2 core): 1.03x for 1 s of audio, 1.36x for 5 s;
     the same layout with the grouped mel's cond product instead gained nothing (0.88x and 1.02x)."""
