@@ -31,11 +31,15 @@ def cached_per_dtype(owner, dtype, tensors, build):
     """build()'s result for `dtype`, kept on `owner` until any of `tensors` changes (in-place steps,
     load_state_dict, .to() all change a version, a storage or a device). One entry per dtype: a program that
     alternates float32 and bfloat16 calls must not rebuild at every call. A plain attribute, never saved."""
-    key = _weights_key(tensors)
-    caches = owner.__dict__.setdefault("_inference_caches", _InferenceCaches())
-    if dtype not in caches or caches[dtype][0] != key:
-        caches[dtype] = (key, build())
-    return caches[dtype][1]
+    if not _is_cached(owner, dtype, tensors):
+        owner.__dict__.setdefault("_inference_caches", _InferenceCaches())[dtype] = (_weights_key(tensors), build())
+    return owner.__dict__["_inference_caches"][dtype][1]
+
+
+def _is_cached(owner, dtype, tensors):
+    """Whether `owner` holds cached_per_dtype's entry for `dtype`, made from the current `tensors`."""
+    entry = owner.__dict__.get("_inference_caches", {}).get(dtype)
+    return entry is not None and entry[0] == _weights_key(tensors)
 
 
 class _InferenceCaches(dict):
@@ -351,9 +355,8 @@ class MelFrames:
 
     def __init__(self, mel, n_groups, upsample, n_group):
         stride, overlap = upsample.stride[0], upsample.kernel_size[0] // upsample.stride[0]
-        self.groups_per_frame = stride // n_group
-        self.n_groups, self.upsample, self.n_group, self.device = n_groups, upsample, n_group, mel.device
-        n_blocks = -(-n_groups // self.groups_per_frame)
+        self.upsample, self.n_group, self.device = upsample, n_group, mel.device  # device: read as a mel's is
+        n_blocks = -(-n_groups // (stride // n_group))  # stride/g groups per mel frame
         padded = F.pad(mel, (overlap - 1, max(0, n_blocks - mel.size(2))))  # frames before 0 and past the end are 0
         windows = padded.unfold(2, overlap, 1)[:, :, :n_blocks].flip(3)  # (B, n_mel, n_blocks, overlap): m, m-1, ...
         rows = windows.permute(0, 2, 3, 1).reshape(mel.size(0), n_blocks, -1)  # (B, n_blocks, overlap*n_mel)
@@ -405,8 +408,7 @@ def _frame_matrices_pay(model, n_groups):
 
 
 def _frame_weights_key(model):
-    layers = [model.upsample] + [layer for wn in model.WN for layer in (wn.cond_layer, *wn.in_layers)]
-    return _weights_key([tensor for layer in layers for tensor in (layer.weight, layer.bias)])
+    return _weights_key([tensor for wn in model.WN for tensor in _frame_cond_tensors(wn, model.upsample)])
 
 
 def _uses_frame_conditioning(model, spect):
@@ -499,11 +501,7 @@ def _frame_cond_tensors(wn, upsample):
 
 def frame_conditioning_built(model):
     """Whether every WN of `model` holds frame-conditioning matrices made from its current weights."""
-    for wn in model.WN:
-        entry = wn.__dict__.get("_inference_caches", {}).get(FRAME_MATRICES)
-        if entry is None or entry[0] != _weights_key(_frame_cond_tensors(wn, model.upsample)):
-            return False
-    return True
+    return all(_is_cached(wn, FRAME_MATRICES, _frame_cond_tensors(wn, model.upsample)) for wn in model.WN)
 
 
 @torch.no_grad()
