@@ -33,6 +33,7 @@ from torch import nn
 from baseline import BaselineWaveGlow
 from config import load_config
 from distributed import EMULATED_BF16_SLOWDOWN, autocast_dtype, cpu_capability, select_device
+from export import OnnxWaveGlow, export_onnx, snr_db
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
 from glow_fast import frame_conditioning_built, prepare_frame_conditioning
 from mel2samp import TacotronSTFT
@@ -165,8 +166,6 @@ def onnxruntime_model(model, device):
     if device.type != "cpu":
         print(f"{ONNX_VARIANT}: skipped, it times onnxruntime's CPU provider and this run is on {device}")
         return None
-    from export import OnnxWaveGlow, export_onnx  # floor 3, imported only for this row
-
     try:
         with tempfile.TemporaryDirectory() as folder:  # the session keeps the graph in memory
             path = f"{folder}/waveglow.onnx"
@@ -207,11 +206,6 @@ def time_before_frame_matrices(run, model, audio_seconds):
     run()
     elapsed = time.perf_counter() - started
     return None if frame_conditioning_built(model) else audio_seconds / elapsed
-
-
-def snr_db(reference, test):
-    noise = (reference - test).double().pow(2).sum()
-    return 10 * math.log10(reference.double().pow(2).sum().item() / max(noise.item(), 1e-30))
 
 
 def speech_mel(seconds, device, data_config):

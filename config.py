@@ -179,7 +179,7 @@ def _check_mel_settings(data):
 
 def n_groups_for_hop(hop_length):
     """The n_group values a hop allows: even (each coupling halves the channels) and dividing the hop (a mel
-    frame's samples fold into whole groups). glow.py checks the same when it builds a model."""
+    frame's samples fold into whole groups). glow.py uses it too when it builds a model."""
     return [g for g in range(2, hop_length + 1, 2) if hop_length % g == 0]
 
 

@@ -13,7 +13,6 @@ with autocast(), backward() and step().
 import argparse
 import logging
 import os
-import platform
 import signal
 import sys
 from contextlib import nullcontext
@@ -22,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+import glow_fast
 
 
 def npu_available():
@@ -60,39 +61,12 @@ def select_device(name="auto", local_rank=0):
 # Measured on an AVX2 CPU (no bfloat16 units): a 2048x2048 matmul runs at 144 GFLOP/s in float32 and 0.34 in
 # bfloat16, and one training step of config.json's model takes 24x as long under bf16 autocast, inference 65x.
 EMULATED_BF16_SLOWDOWN = "about 20-60x slower than float32"
-X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the units that compute in bfloat16
-
-
-def cpu_flags():
-    """The CPU feature flags /proc/cpuinfo lists (lower case), or None where it cannot be read (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 says flags, ARM features
-            return set(value.lower().split())
-    return set()
-
-
 def cpu_supports_bf16():
-    """True only where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, the BF16 extension on ARM).
-
-    oneDNN's own probe (torch.ops.mkldnn._is_mkldnn_bf16_supported) must agree, but it alone is not enough: on x86
-    it also answers yes for plain AVX512, where oneDNN only emulates bfloat16. So on x86 the units must show in
-    torch's capability name or in /proc/cpuinfo's flags; where neither tells (no /proc/cpuinfo), the answer is no,
-    and a run takes float32, never the emulated path.
-    """
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # AVX2 and older, or ARM without BF16
-        return False
-    if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX"):  # names some torch builds report
-        return True
-    if platform.machine().lower() in ("aarch64", "arm64"):  # there oneDNN's probe is the BF16 extension itself
-        return True
-    flags = cpu_flags()
-    return bool(flags and flags.intersection(X86_BF16_FLAGS))
+    """True only where the CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, the BF16 extension on ARM):
+    glow_fast.cpu_has_bf16_units, the one statement of that rule, which the model's bf16 matmul routes follow too.
+    oneDNN's own probe alone is not enough, as it also answers yes for plain AVX512, where oneDNN only emulates
+    bfloat16; where the CPU cannot tell (no /proc/cpuinfo), the answer is no, and a run takes float32."""
+    return glow_fast.cpu_has_bf16_units()
 
 
 def cpu_capability():

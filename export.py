@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, checkpoint_audio, load_model
+from glow import DEFAULT_HOP_LENGTH
 
 
 class TraceableReverse(nn.Module):
@@ -189,7 +190,7 @@ class OnnxWaveGlow(nn.Module):
         self.checkpoint = {"config": metadata.get("config"), "flavour": f"ONNX of {metadata.get('flavour', '?')}",
                            "iteration": metadata.get("iteration", 0),
                            "audio": {"sampling_rate": metadata.get("sampling_rate"),
-                                     "hop_length": int(metadata.get("hop_length", 256))}}
+                                     "hop_length": int(metadata.get("hop_length", DEFAULT_HOP_LENGTH))}}
         self.hop_length = self.checkpoint["audio"]["hop_length"]  # audio samples per mel frame
 
     def reverse(self, mel, z):

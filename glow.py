@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import glow_fast
+from config import n_groups_for_hop
 
 compile_coupling_networks = glow_fast.compile_coupling_networks  # a speed tool, importable from here as ever
 
@@ -325,12 +326,6 @@ def remove_weightnorm(model):
     return model
 
 
-def _n_groups_for_hop(hop_length):
-    # even (the coupling halves the channels) and dividing the hop (a frame's samples fold into whole groups);
-    # config.n_groups_for_hop is the same for configs, which must not need torch to be checked
-    return [g for g in range(2, hop_length + 1, 2) if hop_length % g == 0]
-
-
 def _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size, WN_config, hop_length):
     problems = []
     for name, value in (("n_mel_channels", n_mel_channels), ("n_flows", n_flows), ("n_group", n_group),
@@ -345,7 +340,7 @@ def _check_config(n_mel_channels, n_flows, n_group, n_early_every, n_early_size,
         raise ValueError(f"n_group must be even, got {n_group}")
     if hop_length % n_group != 0:
         raise ValueError(f"n_group={n_group} must divide the upsampler stride, the hop length {hop_length}; "
-                         f"values that do: {', '.join(map(str, _n_groups_for_hop(hop_length)))}")
+                         f"values that do: {', '.join(map(str, n_groups_for_hop(hop_length)))}")
     n_exits = (n_flows - 1) // n_early_every
     remaining = n_group - n_exits * n_early_size
     if remaining < 2:

@@ -102,10 +102,10 @@ def _cpu_low_precision(x):
 
 @functools.cache
 def cpu_has_bf16_units():
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on ARM): the rule of
-    distributed.cpu_supports_bf16, which chooses a run's precision, restated in short because the model's code
-    never imports the run's set-up (this module sits below it, as glow.py does); tests check that both agree.
-    oneDNN's probe alone also says yes for plain AVX512, where it only emulates bfloat16."""
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on ARM); also what
+    distributed.cpu_supports_bf16, which chooses a run's precision, answers. oneDNN's probe alone also says yes for
+    plain AVX512, where it only emulates bfloat16, so on x86 the units must show in torch's capability name or in
+    /proc/cpuinfo's flags; where neither tells, the answer is no."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or platform.machine().lower() in (

@@ -36,7 +36,6 @@ from glow import compile_coupling_networks
 from mel2samp import (MAX_WAV_VALUE, SILENT_LOG_MEL, AudioError, Mel2Samp, TacotronSTFT, files_to_list,
                       load_wav_to_torch)
 
-SILENCE = SILENT_LOG_MEL  # the log-mel floor: what padding frames hold
 EVAL_SIGMA, EVAL_SEED = 0.6, 1234
 
 
@@ -151,7 +150,7 @@ def mel_scale_problem(mel):
     low, high, mean = mel.min().item(), mel.max().item(), mel.mean().item()
     std = mel.std(unbiased=False).item()
     if std < 1e-3:  # a constant mel: only its level can tell
-        return None if SILENCE - 1 <= mean <= 3 else (f"constant at {mean:.3g}", "check how it was made")
+        return None if SILENT_LOG_MEL - 1 <= mean <= 3 else (f"constant at {mean:.3g}", "check how it was made")
     if low >= 0:
         if high <= 1.001:
             return "min-max normalised to [0, 1]", "undo the normalisation with the min and max it was made with"
@@ -161,7 +160,8 @@ def mel_scale_problem(mel):
         return ("in decibels (20 log10 of the magnitude, or 10 log10 of the power)",
                 "undo any reference-level shift, then multiply by ln(10) / 20 = 0.1151")
     if low < -13:
-        return ("a log mel with a floor below log(1e-5)", f"clamp it at log(1e-5) = {SILENCE:.2f}, as in training")
+        return ("a log mel with a floor below log(1e-5)",
+                f"clamp it at log(1e-5) = {SILENT_LOG_MEL:.2f}, as in training")
     if any(abs(high - bound) < 1e-3 and abs(low + bound) < 1e-3 for bound in (1, 4)):  # the usual such ranges
         return (f"min-max normalised to [-{high:.0f}, {high:.0f}]",
                 "undo the normalisation with the range it was made with")
@@ -275,12 +275,12 @@ class Synthesizer:
 
     def warm_up(self):
         """One short untimed pass: first calls pay for kernel selection and the cached 1x1 inverses."""
-        self([torch.full((self.model.n_mel_channels, 16), SILENCE)], [0])
+        self([torch.full((self.model.n_mel_channels, 16), SILENT_LOG_MEL)], [0])
 
     def __call__(self, mels, indices):
         """[(n_mel, F_i)] and their list positions -> [audio (hop F_i,)], one batch; returns (audios, seconds)."""
         longest, hop = max(mel.size(1) for mel in mels), self.model.hop_length
-        batch = torch.full((len(mels), mels[0].size(0), longest), SILENCE, device=self.device)
+        batch = torch.full((len(mels), mels[0].size(0), longest), SILENT_LOG_MEL, device=self.device)
         z = torch.zeros(len(mels), self.model.n_group, hop * longest // self.model.n_group, device=self.device)
         for row, (mel, index) in enumerate(zip(mels, indices, strict=True)):
             batch[row, :, :mel.size(1)] = mel.to(self.device)

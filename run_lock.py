@@ -38,14 +38,20 @@ def boot_id():
         return ""
 
 
-def process_start_time(pid):
-    """When process `pid` started, as '{boot id}:{clock ticks since boot}' (None where /proc is missing)."""
+def _stat_fields(pid):
+    """/proc/<pid>/stat's fields after '(name)' (which may hold spaces), from field 3 of proc(5) on; None where
+    it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after '(name)', which may hold spaces
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return f"{boot_id()}:{fields[19]}"  # field 22 of proc(5), counted from field 3
+
+
+def process_start_time(pid):
+    """When process `pid` started, as '{boot id}:{clock ticks since boot}' (None where /proc is missing)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else f"{boot_id()}:{fields[19]}"  # field 22 of proc(5)
 
 
 def pid_alive(pid):
@@ -55,11 +61,8 @@ def pid_alive(pid):
         return False
     except PermissionError:
         return True  # someone else's process, but alive
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has finished
-    except (OSError, IndexError):
-        return True
+    fields = _stat_fields(pid)
+    return not fields or fields[0] != "Z"  # a zombie has finished; unreadable: alive, as kill(0) said
 
 
 def describe(owner):

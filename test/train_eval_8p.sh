@@ -53,14 +53,15 @@ cmd=("$python" "$repo_dir/inference.py" -w "$checkpoint_path" --eval_list "$log_
 run_logged evaluation "${cmd[@]}"
 
 # ------------------------------------------ summary ------------------------------------------
+# The last value of a "Copy-synthesis <name>:" line: means over the clips (nan where a score is undefined, e.g. no
+# frame voiced in both).
+score() { grep -a "^Copy-synthesis $1:" "$log_file" | tail -n 1 | awk '{print $NF}'; }
 validation_nll=$(grep -a '^Validation NLL:' "$log_file" | tail -n 1 | awk '{print $NF}')
-mel_l1=$(grep -a '^Copy-synthesis mel L1:' "$log_file" | tail -n 1 | awk '{print $NF}')
+mel_l1=$(score "mel L1")
 if [[ $validation_nll == "" || $mel_l1 == "" ]]; then
     echo "[Error] no 'Validation NLL:' or 'Copy-synthesis mel L1:' line in $log_file" >&2
     exit 1
 fi
-# The objective scores, means over the clips (nan where a score is undefined, e.g. no frame voiced in both).
-score() { grep -a "^Copy-synthesis $1:" "$log_file" | tail -n 1 | awk '{print $NF}'; }
 mcd=$(score "MCD (dB)")
 f0_rmse=$(score "F0 RMSE (cents)")
 vuv_error=$(score "V/UV error")
