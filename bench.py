@@ -10,18 +10,22 @@ inference real-time factor, each with the achieved FLOP/s as a share of the meas
 memory; then a Markdown table for the README. A straightforward float32 implementation of the same math
 (baseline.py's BaselineWaveGlow: plain weight-normed Conv1d layers, the gate as separate ops) runs beside
 ours so the speed-ups are measured in the same run, on the same weights; on CPUs an onnxruntime row times the
-graph export.py writes (--onnx). Inference variants are timed in interleaved rounds (median of each), so a
-drift of the machine's speed hits them alike. GPU timings synchronise the device. Float32 inference on CPUs
+graph export.py writes (--onnx). Training and inference variants are timed in interleaved rounds (median of
+each), so a drift of the machine's speed hits them alike; ours trains as train.py does (fused Adam, and on
+CPUs distributed.cpu_memory_reuse), the baseline with torch's defaults, and each training row prints its page
+faults and system CPU time per step. GPU timings synchronise the device. Float32 inference on CPUs
 is timed as a model runs once it has synthesised ~7 s of audio (a server, a long list of clips): with its
 frame-conditioning matrices (glow_fast.reverse_conditioning), whose build time is printed; the row "first ~7 s
 of audio" times the path before them.
 """
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import math
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -32,7 +36,7 @@ from torch import nn
 
 from baseline import BaselineWaveGlow
 from config import load_config
-from distributed import EMULATED_BF16_SLOWDOWN, autocast_dtype, cpu_capability, select_device
+from distributed import EMULATED_BF16_SLOWDOWN, autocast_dtype, cpu_capability, cpu_memory_reuse, select_device
 from export import OnnxWaveGlow, export_onnx, snr_db
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks, remove_weightnorm
 from glow_fast import frame_conditioning_built, prepare_frame_conditioning
@@ -123,8 +127,8 @@ def dtype_name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def training_throughput(model, device, amp, batch, segment, steps, fused_adam, warmup=1):
-    """Output audio samples per second of full training steps (forward, backward, Adam)."""
+def training_step(model, device, amp, batch, segment, fused_adam):
+    """A function running one full training step of `model` (forward, backward, Adam) on random data."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused_adam or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -139,10 +143,28 @@ def training_throughput(model, device, amp, batch, segment, steps, fused_adam, w
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+    return step
 
-    reset_peak_memory(device)
-    seconds = timed(step, device, steps, warmup)
-    return batch * segment / seconds, peak_memory_mib(device)
+
+def interleaved_training(train_steps, device, rounds):
+    """Median wall seconds, page faults and system CPU seconds of each variant's training step, timed in rounds
+    that take every variant in turn (train_steps: name -> (step, reuse_memory)). Each timed step comes right after
+    an untimed one of the same variant, within cpu_memory_reuse for reuse_memory as in train.py, so it meets
+    the allocator in that variant's own steady state, as in a process of its own."""
+    samples = {name: [] for name in train_steps}
+    for _ in range(rounds):
+        for name, (step, reuse_memory) in train_steps.items():
+            with cpu_memory_reuse(device) if reuse_memory else contextlib.nullcontext():
+                step()
+                sync(device)
+                before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                step()
+                sync(device)
+                seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            samples[name].append((seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+    for name, runs in samples.items():
+        print(f"train     {name:<28} timed steps, round by round: {', '.join(f'{run[0]:.2f}' for run in runs)} s")
+    return {name: [statistics.median(values) for values in zip(*runs, strict=True)] for name, runs in samples.items()}
 
 
 def synthesis(model, device, amp, mel, seed=0):
@@ -278,12 +300,17 @@ def main():
         print(note)
     lengths = [4096] if args.quick else ([2048, 16384, 65536] if not gpu else [16384, 262144])
     sizes = [512] if args.quick else ([1024, 2048, 3072] if not gpu else [4096, 8192])
-    limits = machine_limit(device, low_dtypes, lengths, sizes, repeats + 1)
-    for name, value in limits.items():
-        print(f"machine limit  {name:<12} {value:10.1f} GFLOP/s")
-    peak = {"fp32": max(limits["conv1d fp32"], limits["matmul fp32"])}
-    for dtype in low_dtypes:
-        peak[dtype_name(dtype)] = max(limits[f"conv1d {dtype_name(dtype)}"], limits[f"matmul {dtype_name(dtype)}"])
+    limits, peak = {}, {}
+
+    def measure_limits(when):
+        """The machine's limits, measured now and kept at their best so far: a shared host can be slower at the
+        start than later, and a share of a limit measured in a slow moment would overstate the model's."""
+        for name, value in machine_limit(device, low_dtypes, lengths, sizes, repeats + 1).items():
+            print(f"machine limit  {name:<12} {value:10.1f} GFLOP/s ({when})")
+            limits[name] = max(value, limits.get(name, 0.0))
+        for key, dtype in [("fp32", torch.float32)] + [(dtype_name(dtype), dtype) for dtype in low_dtypes]:
+            peak[key] = max(limits[f"conv1d {dtype_name(dtype)}"], limits[f"matmul {dtype_name(dtype)}"])
+    measure_limits("at the start")
 
     ours = trained_like(WaveGlow(**waveglow_config, hop_length=hop_length)).to(device)
     macs = macs_per_sample(remove_weightnorm(copy.deepcopy(ours)))
@@ -317,19 +344,36 @@ def main():
         train_variants += [(f"{name}, compiled", model, amp) for name, model, amp in train_variants if model is ours]
     # Training shapes never change, so cuDNN may time its algorithms once and keep the fastest (as train.py).
     torch.backends.cudnn.benchmark = True
-    train_rates = {}
+    train_steps, train_memory = {}, {}
     for name, model, amp in train_variants:
-        # Ours trains as train.py does (fused Adam on CPU/CUDA); the baseline with torch's default Adam.
+        # Ours trains as train.py does (fused Adam on CPU/CUDA, cpu_memory_reuse); the baseline with torch's default
+        # Adam and allocator.
         fused_adam = model is ours and device.type in ("cpu", "cuda")
+        reuse_memory = model is ours
         model = copy.deepcopy(model)
         if name.endswith("compiled"):
             compile_coupling_networks(model)
-        # Two warm-up steps for compiled models: the second can still compile (a guard on the first's state).
-        warmup = 2 if name.endswith("compiled") else 1
-        rate, memory = training_throughput(model, device, amp, batch, segment, steps, fused_adam, warmup)
-        train_rates[name] = rate
+        step = training_step(model, device, amp, batch, segment, fused_adam)
+        train_steps[name] = (step, reuse_memory)
+        # A first step makes the optimizer's state; a compiled model compiles then and may again at the second (a
+        # guard on the first's state).
+        reset_peak_memory(device)
+        with cpu_memory_reuse(device) if reuse_memory else contextlib.nullcontext():
+            for _ in range(2 if name.endswith("compiled") else 1):
+                step()
+            sync(device)
+            train_memory[name] = peak_memory_mib(device)  # the process's, holding the variants warmed up before too
+    train_rates = {}
+    timings = interleaved_training(train_steps, device, steps)
+    measure_limits("again after training; the shares use the best of both")
+    for name, _, amp in train_variants:
+        seconds, faults, system_seconds = timings[name]
+        train_rates[name] = rate = batch * segment / seconds
         report("train", f"{name} b{batch}x{segment}", rate, "samples/s", 3 * forward_flop,
-               dtype_name(amp) if amp else "fp32", memory)
+               dtype_name(amp) if amp else "fp32", train_memory[name])
+        rows[-1].update(page_faults_per_step=faults, system_seconds_per_step=system_seconds)
+        print(f"          {'':<28} {faults:,.0f} page faults and {system_seconds:.2f} s of system CPU time per step")
+    del train_steps, step, model  # the training copies and their optimizers
 
     folded = remove_weightnorm(copy.deepcopy(ours)).eval()
     infer_variants = [("ours fp32", folded, None)]

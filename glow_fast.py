@@ -81,6 +81,10 @@ def _matmul_dtype(x):
     convolution keeps the bf16 autocast semantics with the least code of ours in the way. Float32 training keeps
     the convolution on AVX2 CPUs too: the matrix form measured 1.00x for the 1x1 layers and 0.92-0.97x for all
     layers on one config.json WN's forward and backward (1 x 1000 and 2 x 2000 groups, CPU seconds on one core).
+    Forms without copies did no better on two cores (2 x 2000 groups, medians of six to eight interleaved
+    rounds): one addmm per tap into strided views for all layers 0.99x, per-item products for the 1x1 layers
+    0.97-1.06x in three runs, although alone the cond layer's products ran at 95-145 GFLOP/s against oneDNN's
+    81-96. oneDNN's float32 convolutions run the training step at about the CPU's matmul limit.
     On GPUs, compiled mixed-precision training: there torch.compile fuses the matrix form with its neighbours
     far better than it can around cuDNN's convolution (1.3x the training throughput on an H100, and a
     quarter of the memory). Eager GPU code and inference keep cuDNN, which is faster for them.

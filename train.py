@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, CheckpointMismatch, fit_weights, load_checkpoint,
                         mel_setting_changes, remove_interrupted_saves, save_checkpoint)
 from config import ConfigError, resolve_config
-from distributed import (Precision, all_reduce_sum, cleanup_distributed, make_precision, setup_distributed, unwrap,
-                         wrap_ddp)
+from distributed import (Precision, all_reduce_sum, cleanup_distributed, cpu_memory_reuse, make_precision,
+                         setup_distributed, unwrap, wrap_ddp)
 from evaluate import mean_scores, validation_nll, vocoder_scores
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks
 from mel2samp import AudioError, Mel2Samp
@@ -573,7 +573,7 @@ def train(config, rank_flag=None, group_name=""):
         stop_reason = "step_stop"
     skip_batches = progress.batches_done
     run.model.train()
-    with StopRequest() as stop:
+    with StopRequest() as stop, cpu_memory_reuse(run.device):
         for epoch in range(progress.epoch, tc["epochs"] if stop_reason is None else progress.epoch):
             loader = epoch_loader(run.trainset, run.sampler, epoch, skip_batches,
                                   tc["batch_size"] * tc["grad_accum_steps"], tc["workers"], run.device.type == "cuda")

@@ -52,6 +52,9 @@ def test_quick_run_reports_capability_and_skips_what_the_cpu_has_no_units_for(tm
     assert {"baseline fp32 b1x2048", "ours fp32 b1x2048", "baseline fp32 0.5s", "ours fp32 0.5s"} <= variants
     assert not any("bf16" in variant for variant in variants)
     assert all(row["rate"] > 0 and row["peak_key"] == "fp32" for row in rows)
+    train_rows = [row for row in rows if row["kind"] == "train"]
+    assert len(train_rows) == 2 and all(row["page_faults_per_step"] >= 0 for row in train_rows)
+    assert out.count("page faults and") == 2
     assert "inference speed-up over the float32 baseline, 0.5 s, ours fp32" in out
     # float32 inference is timed with the frame-conditioning matrices, built once and said so; the path before
     # them has its own row at the first length, and the second length reuses them

@@ -185,3 +185,33 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
         assert torch.allclose(two_ranks["model"][name], weight, atol=1e-6), name
         # two Adam steps move every weight (the first only the zero-initialised end layers)
         assert not torch.allclose(weight, initial[name], atol=1e-5), name
+
+
+def _faults_of_fresh_buffers(count=4, mib=64):
+    """Page faults of allocating, filling and freeing a `mib` MiB tensor `count` times."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(count):
+        torch.ones(mib * 2 ** 18).sum()  # 4-byte floats: mib MiB, every page written
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_cpu_training_reuses_freed_memory_and_leaves_malloc_as_it_was():
+    if distributed._glibc() is None:
+        pytest.skip("cpu_memory_reuse tunes glibc's malloc; this platform has none, and the block changes nothing")
+    outside = _faults_of_fresh_buffers()
+    if outside < 4 * 2 ** 13:  # 64 MiB is 16384 pages of 4 KiB; far fewer faults: huge pages or another allocator
+        pytest.skip(f"fresh 64 MiB buffers cost only {outside} page faults here (huge pages?): nothing to save")
+    with distributed.cpu_memory_reuse(torch.device("cpu")):
+        _faults_of_fresh_buffers(count=1)  # the heap grows once ...
+        inside = _faults_of_fresh_buffers()  # ... and the next steps reuse it
+    assert inside < outside / 20, (inside, outside)
+    assert _faults_of_fresh_buffers() > outside / 2  # the block's end hands the memory back, as glibc does
+
+
+def test_memory_reuse_leaves_malloc_alone_off_the_cpu(monkeypatch):
+    def no_glibc_calls():
+        raise AssertionError("cpu_memory_reuse tuned malloc for a GPU run")
+    monkeypatch.setattr(distributed, "_glibc", no_glibc_calls)
+    with distributed.cpu_memory_reuse(torch.device("cuda", 0)):
+        pass
