@@ -3,7 +3,8 @@
 Everything that asks "which device?", "which autocast dtype?" or "which backend?" calls this file;
 the training loop and inference read its answers instead of deriving their own. make_precision(device,
 train_config) gives the loop one Precision (float32, native autocast with a GradScaler for float16, or apex O2)
-with autocast(), backward() and step().
+with autocast(), backward() and step(); cpu_memory_reuse(device) wraps the loop, so that CPU training keeps the
+memory a step frees for the next.
 
     python distributed.py -c config.json [train.py flags]          # one train.py per local GPU/NPU
     python distributed.py --nproc_per_node 2 --device cpu -c config.json
