@@ -14,6 +14,7 @@ memory a step frees for the next.
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import platform
@@ -91,7 +92,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _GLIBC_SETTLED = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2 ** 20, _M_TRIM_THRESHOLD: 64 * 2 ** 20}
 
 
+@functools.cache
 def _glibc():
+    """The C library, where it is glibc (whose malloc cpu_memory_reuse tunes), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
