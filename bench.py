@@ -19,7 +19,6 @@ frame-conditioning matrices (glow_fast.reverse_conditioning), whose build time i
 of audio" times the path before them.
 """
 import argparse
-import contextlib
 import copy
 import datetime
 import json
@@ -154,7 +153,7 @@ def interleaved_training(train_steps, device, rounds):
     samples = {name: [] for name in train_steps}
     for _ in range(rounds):
         for name, (step, reuse_memory) in train_steps.items():
-            with cpu_memory_reuse(device) if reuse_memory else contextlib.nullcontext():
+            with cpu_memory_reuse(device, enabled=reuse_memory):
                 step()
                 sync(device)
                 before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -358,7 +357,7 @@ def main():
         # A first step makes the optimizer's state; a compiled model compiles then and may again at the second (a
         # guard on the first's state).
         reset_peak_memory(device)
-        with cpu_memory_reuse(device) if reuse_memory else contextlib.nullcontext():
+        with cpu_memory_reuse(device, enabled=reuse_memory):
             for _ in range(2 if name.endswith("compiled") else 1):
                 step()
             sync(device)

@@ -90,6 +90,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 # What glibc's own sliding thresholds settle on once blocks of 32 MB have been freed (a training step frees many),
 # put back on leaving cpu_memory_reuse: glibc has no call that reads them, or that turns the sliding back on.
 _GLIBC_SETTLED = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 * 2 ** 20, _M_TRIM_THRESHOLD: 64 * 2 ** 20}
+_NEVER_TRIM = 2 ** 31 - 1  # the largest trim threshold mallopt takes (an int)
 
 
 @functools.cache
@@ -104,8 +105,9 @@ def _glibc():
 
 
 @contextmanager
-def cpu_memory_reuse(device):
-    """Within the block, training on a CPU reuses the memory each step frees instead of taking fresh pages.
+def cpu_memory_reuse(device, enabled=True):
+    """Within the block, training on a CPU reuses the memory each step frees instead of taking fresh pages
+    (enabled=False: a block that changes nothing, for code that runs either way).
 
     glibc's malloc serves every block over 32 MB (most of a step's activations and gradients) with a new mmap and
     unmaps it when freed, so each step faults its whole working set in again, a page at a time, every page
@@ -114,12 +116,12 @@ def cpu_memory_reuse(device):
     faults, 0.1-0.2 s and 21.4-21.6 s (three alternating runs each). The process keeps the memory it has freed,
     so its resident size stays at its peak until the block ends, when glibc's usual thresholds come back and the
     heap's free memory goes back to the kernel. Elsewhere (GPU, NPU, no glibc) it changes nothing."""
-    libc = _glibc() if device.type == "cpu" else None
+    libc = _glibc() if enabled and device.type == "cpu" else None
     if libc is None:
         yield
         return
     libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     try:
         yield
     finally:

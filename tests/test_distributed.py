@@ -229,3 +229,5 @@ def test_memory_reuse_leaves_malloc_alone_off_the_cpu(monkeypatch):
     monkeypatch.setattr(distributed, "_glibc", no_glibc_calls)
     with distributed.cpu_memory_reuse(torch.device("cuda", 0)):
         pass
+    with distributed.cpu_memory_reuse(CPU, enabled=False):  # bench.py's baseline rows
+        pass
