@@ -158,6 +158,8 @@ class WN(nn.Module):
         audio, spect = forward_input  # (B, n_half, T/g), (B, n_mel*g, T/g)
         if glow_fast.uses_folded_wn_inference(self, spect):  # folded CPU inference: this math, rearranged
             return glow_fast.folded_wn_inference(self, audio, spect)
+        if glow_fast.uses_rearranged_wn(self, spect):  # float32 on CPUs: this math with fewer multiply-adds
+            return glow_fast.rearranged_wn_forward(self, audio, spect)
         C = self.n_channels
         audio = self.start(audio.to(spect.dtype))  # (B, C, T/g) in the conditioning's compute dtype
         # split() rather than slicing: the backward of n slices allocates n full-size zero gradients,

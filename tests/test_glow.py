@@ -8,7 +8,7 @@ import torch
 import glow_fast
 from baseline import BaselineWaveGlow
 from conftest import REPO, TINY_WAVEGLOW, perturb_end_layers
-from glow import WaveGlow, WaveGlowLoss, remove_weightnorm
+from glow import WN, WaveGlow, WaveGlowLoss, gated_activation, remove_weightnorm
 
 
 def make_model(seed=0, randomise_end=True, **overrides):
@@ -103,6 +103,46 @@ def test_gradients_reach_every_parameter():
     WaveGlowLoss()(model((mel, audio))).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not missing
+
+
+@pytest.mark.parametrize("n_in, n_layers, kernel_size", [(4, 3, 3), (3, 1, 3), (1, 2, 5)])
+def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math(monkeypatch, n_in, n_layers,
+                                                                                 kernel_size):
+    """Float32 CPU WN (glow_fast.rearranged_wn_forward: the end layer composed into each skip matrix, the start
+    layer into the first dilated convolution): the layer-by-layer forward's output, input gradients and every
+    parameter's gradient, with every bias counting, for one layer and for odd channel counts."""
+    torch.manual_seed(4)
+    wn = WN(n_in, 40, n_layers=n_layers, n_channels=8, kernel_size=kernel_size, n_out_channels=2 * n_in)
+    with torch.no_grad():
+        for parameter in wn.parameters():
+            parameter.normal_(0, 0.3)  # the end layer and biases start at zero; make every composed term count
+    audio, spect = torch.randn(2, n_in, 37, requires_grad=True), torch.randn(2, 40, 37, requires_grad=True)
+    weights = torch.randn(2, 2 * n_in, 37)
+
+    def output_and_gradients():
+        wn.zero_grad(set_to_none=True)
+        audio.grad = spect.grad = None
+        output = wn((audio, spect))
+        (output * weights).sum().backward()
+        return [output.detach(), audio.grad, spect.grad] + [parameter.grad for parameter in wn.parameters()]
+
+    calls = []
+    rearranged = glow_fast.rearranged_wn_forward
+    monkeypatch.setattr(glow_fast, "rearranged_wn_forward", lambda *args: calls.append(1) or rearranged(*args))
+    fast = output_and_gradients()
+    assert calls, "float32 CPU training did not take the rearranged WN"
+    monkeypatch.setattr(glow_fast, "uses_rearranged_wn", lambda wn, spect: False)
+    plain = output_and_gradients()
+    assert len(calls) == 1
+    for fast_tensor, plain_tensor in zip(fast, plain, strict=True):
+        torch.testing.assert_close(fast_tensor, plain_tensor, rtol=1e-5, atol=1e-5)
+    gate_input, gate_weights = torch.randn(2, 16, 9, requires_grad=True), torch.randn(2, 8, 9)
+    fast_acts = glow_fast.gated_activation(gate_input, 8)  # its gate: the plain gate's numbers, bit for bit
+    (fast_acts * gate_weights).sum().backward()
+    fast_grad, gate_input.grad = gate_input.grad, None
+    plain_acts = gated_activation(gate_input, 8)
+    (plain_acts * gate_weights).sum().backward()
+    assert torch.equal(fast_acts, plain_acts) and torch.equal(fast_grad, gate_input.grad)
 
 
 @pytest.mark.parametrize("hop, n_frames, batch_size", [(256, 5, 2), (200, 3, 1), (4, 7, 3)])
