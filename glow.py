@@ -6,7 +6,8 @@ dtype. Under torch.autocast the WaveNet-like layers run in low precision while e
 the audio itself (1x1 convolutions, coupling, log-determinants, loss) stays in float32.
 
 The layers' measured fast paths (convolutions as matrix products, cached inference weights, the folded CPU
-inference of WN, the CPU upsampler) live in glow_fast.py; each layer reaches them through one call.
+inference of WN, its float32 CPU forward with fewer multiply-adds, the CPU upsampler) live in glow_fast.py;
+each layer reaches them through one call.
 """
 import torch
 from torch import nn

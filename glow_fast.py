@@ -1,8 +1,9 @@
 """The measured fast paths behind glow.py's layers: the same math, arranged for the hardware.
 
 glow.py's layers reach them through one hook each: WeightNormConv1d through conv1d(), WN's folded inference
-through uses_folded_wn_inference() and folded_wn_inference(), WaveGlow's upsampler through upsample(),
-WaveGlow.reverse's conditioning through reverse_conditioning() (float32 CPU inference on the mel's frames), and
+through uses_folded_wn_inference() and folded_wn_inference(), WN's float32 CPU forward through
+uses_rearranged_wn() and rearranged_wn_forward(), WaveGlow's upsampler through upsample(), WaveGlow.reverse's
+conditioning through reverse_conditioning() (float32 CPU inference on the mel's frames), and
 Invertible1x1Conv's inverse (and every cached inference weight) through cached_per_dtype(). The layers come
 in as arguments and are read by their attributes only, so this module never imports glow.py.
 """
@@ -270,7 +271,8 @@ def uses_rearranged_wn(wn, spect):
 
 
 def rearranged_wn_forward(wn, audio, spect):
-    """WN.forward((audio, spect)) with fewer multiply-adds, the same math rearranged (float32 CPU training):
+    """WN.forward((audio, spect)) with fewer multiply-adds, the same math rearranged (float32 on CPUs: training, and
+    inference before weight norm is folded):
     - the skip sum only feeds the end layer, which is linear: end(sum_i skip_i) = sum_i (E S_i) acts_i + E sum_i
       b_i + b_end. So each layer's skip rows come through the end layer, n_out rows instead of C (the residual
       rows stay as they are);
@@ -300,7 +302,8 @@ def rearranged_wn_forward(wn, audio, spect):
         acts = gated_activation(in_act + conds[i], C)  # (B, C, T/g)
         weight, bias = res_skip_layer.effective_weight().squeeze(2), res_skip_layer.bias
         if i < n_layers - 1:  # rows: residual (C), then the skip rows through the end layer (n_out)
-            weight, bias = torch.cat([weight[:C], end_matrix @ weight[C:]]), torch.cat([bias[:C], end_matrix @ bias[C:]])
+            weight = torch.cat([weight[:C], end_matrix @ weight[C:]])
+            bias = torch.cat([bias[:C], end_matrix @ bias[C:]])
         else:  # the last layer has only skip rows
             weight, bias = end_matrix @ weight, end_matrix @ bias
         res_skip = conv1d(acts, weight.unsqueeze(2), bias, 0, 1)  # (B, C + n_out or n_out, T/g)
@@ -515,7 +518,8 @@ def frame_conditioned_wn_inference(wn, audio, frames):
     the same layout with the grouped mel's cond product instead gained nothing (0.88x and 1.02x).
     The first dilated convolution reads the start layer's output, so its taps are composed with the start layer
     as in rearranged_wn_forward: each of its products takes the n_half audio channels and a column of ones
-    (zero in the padding rows, as the start output is), n_half + 1 inputs instead of C."""
+    (zero in the padding rows, as the start output is), n_half + 1 inputs instead of C. Measured on one
+    config.json WN, two AVX2 cores, interleaved rounds (medians): 1.07x for 1 s of audio, 1.05x for 10 s."""
     C, length = wn.n_channels, audio.size(2)
     layers = _wn_inference_matrices(wn, torch.float32)
     conds = _frame_cond_matrices(wn, frames.upsample, frames.n_group)
