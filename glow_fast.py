@@ -266,7 +266,7 @@ class _CpuUpsample(torch.autograd.Function):
 
 def uses_rearranged_wn(wn, spect):
     """Whether WN `wn` runs rearranged_wn_forward: float32 on a CPU, eager (folded inference has its own path)."""
-    return (spect.device.type == "cpu" and spect.dtype == torch.float32 and _cpu_low_precision(spect) is None
+    return (spect.device.type == "cpu" and spect.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling())
 
 
@@ -288,12 +288,13 @@ def rearranged_wn_forward(wn, audio, spect):
     C, n_layers = wn.n_channels, wn.n_layers
     end_matrix = wn.end.weight.squeeze(2)  # (n_out, C)
     n_out = end_matrix.size(0)
-    residual_stream = wn.start(audio)  # (B, C, T/g)
+    start_weight = wn.start.effective_weight()  # (C, n_half, 1)
+    residual_stream = conv1d(audio, start_weight, wn.start.bias, 0, 1)  # (B, C, T/g): wn.start(audio)
     conds = wn.cond_layer(spect).split(2 * C, dim=1)  # n_layers x (B, 2C, T/g)
     output = None
     for i, (in_layer, res_skip_layer) in enumerate(zip(wn.in_layers, wn.res_skip_layers, strict=True)):
         if i == 0:
-            start = torch.cat([wn.start.effective_weight().squeeze(2), wn.start.bias.unsqueeze(1)], 1)  # (C, n_half+1)
+            start = torch.cat([start_weight.squeeze(2), wn.start.bias.unsqueeze(1)], 1)  # (C, n_half + 1)
             weight = torch.einsum("oik,ij->ojk", in_layer.effective_weight(), start)  # (2C, n_half+1, k)
             audio_and_one = torch.cat([audio, audio.new_ones(audio.size(0), 1, audio.size(2))], 1)
             in_act = conv1d(audio_and_one, weight, in_layer.bias, in_layer.padding, in_layer.dilation)
