@@ -14,6 +14,8 @@ import platform
 import torch
 import torch.nn.functional as F
 
+import winograd
+
 
 def conv1d(x, weight, bias, padding, dilation, folded_layer=None):
     """F.conv1d(x, weight, bias, padding=padding, dilation=dilation), or the same as matrix products where those
@@ -272,54 +274,78 @@ def uses_rearranged_wn(wn, spect):
 
 def rearranged_wn_forward(wn, audio, spect):
     """WN.forward((audio, spect)) with fewer multiply-adds, the same math rearranged (float32 on CPUs: training, and
-    inference before weight norm is folded):
+    inference before weight norm is folded). It runs time-major, each time step's channels a contiguous row
+    (B, T/g, C), so every layer is a matrix product of whole rows:
+    - the dilated convolutions of layers 1.. take Winograd's F(4, 3) (winograd.dilated_conv3): half the
+      multiply-adds of three taps;
     - the skip sum only feeds the end layer, which is linear: end(sum_i skip_i) = sum_i (E S_i) acts_i + E sum_i
       b_i + b_end. So each layer's skip rows come through the end layer, n_out rows instead of C (the residual
       rows stay as they are);
     - the first dilated convolution reads the start layer's output, a 1x1 convolution of the n_half audio
-      channels. Composed, W_0 [S | b_S] runs over the audio and a row of ones (whose zero padding is the start
+      channels. Composed, W_0 [S | b_S] runs over the audio and a column of ones (whose zero padding is the start
       output's own): k*(n_half + 1) inputs per output instead of k*C. The residual stream still starts from the
-      start layer's output, which costs n_half*C.
+      start layer's output, which costs n_half*C;
+    - the in-layers' biases join the cond layer's, one addition per layer fewer.
     The composed weights are products in the autograd graph (per step, the size of the weights only), so the
-    gradients are those of the plain math. For config.json's model that is 13 % fewer multiply-adds forward and
-    backward. Measured on one WN's forward and backward, 2 x 2000 groups, two AVX2 cores, five interleaved
-    rounds: 1.19x the layer-by-layer forward; the convolutions are 90 % of both. Its gate is
-    gated_activation below: glow.py's, with a backward of fewer passes."""
+    gradients are those of the plain math. For config.json's model that is 34 % fewer multiply-adds forward and
+    backward, 13 % of them from the compositions. Measured on two AVX2 cores: the compositions 1.19x the
+    layer-by-layer forward on one WN's forward and backward (2 x 2000 groups, five interleaved rounds); F(4, 3)
+    1.32x F.conv1d on config.json's dilated layers at 1 x 1000 groups, 1.48x at 2 x 2000; a training step at
+    1 x 8000 samples 1.15x the baseline before F(4, 3), 1.31-1.33x with it. Its gate is gated_activation below:
+    glow.py's, with a backward of fewer passes."""
     C, n_layers = wn.n_channels, wn.n_layers
+    batch, steps = audio.size(0), audio.size(2)
     end_matrix = wn.end.weight.squeeze(2)  # (n_out, C)
     n_out = end_matrix.size(0)
-    start_weight = wn.start.effective_weight()  # (C, n_half, 1)
-    residual_stream = conv1d(audio, start_weight, wn.start.bias, 0, 1)  # (B, C, T/g): wn.start(audio)
-    conds = wn.cond_layer(spect).split(2 * C, dim=1)  # n_layers x (B, 2C, T/g)
+    start_weight = wn.start.effective_weight().squeeze(2)  # (C, n_half)
+    audio = audio.transpose(1, 2)  # (B, T/g, n_half), time-major from here on
+    residual_stream = torch.matmul(audio, start_weight.t()) + wn.start.bias  # (B, T/g, C): wn.start(audio)
+    cond_bias = wn.cond_layer.bias + torch.cat([layer.bias for layer in wn.in_layers])
+    conds = torch.addmm(cond_bias, spect.transpose(1, 2).reshape(batch * steps, -1),
+                        wn.cond_layer.effective_weight().squeeze(2).t())
+    conds = conds.view(batch, steps, -1).split(2 * C, dim=2)  # n_layers x (B, T/g, 2C), in-layer biases included
     output = None
     for i, (in_layer, res_skip_layer) in enumerate(zip(wn.in_layers, wn.res_skip_layers, strict=True)):
+        weight = in_layer.effective_weight()  # (2C, C, k)
         if i == 0:
-            start = torch.cat([start_weight.squeeze(2), wn.start.bias.unsqueeze(1)], 1)  # (C, n_half + 1)
-            weight = torch.einsum("oik,ij->ojk", in_layer.effective_weight(), start)  # (2C, n_half+1, k)
-            audio_and_one = torch.cat([audio, audio.new_ones(audio.size(0), 1, audio.size(2))], 1)
-            in_act = conv1d(audio_and_one, weight, in_layer.bias, in_layer.padding, in_layer.dilation)
+            start = torch.cat([start_weight, wn.start.bias.unsqueeze(1)], 1)  # (C, n_half + 1)
+            weight = torch.einsum("oik,ij->ojk", weight, start)  # (2C, n_half + 1, k)
+            audio_and_one = torch.cat([audio, audio.new_ones(batch, steps, 1)], 2)  # (B, T/g, n_half + 1)
+            in_act = _time_major_conv(audio_and_one, weight, in_layer.dilation)
+        elif weight.size(2) == 3:
+            in_act = winograd.dilated_conv3(residual_stream, weight, in_layer.dilation)
         else:
-            in_act = in_layer(residual_stream)
-        acts = gated_activation(in_act + conds[i], C)  # (B, C, T/g)
+            in_act = _time_major_conv(residual_stream, weight, in_layer.dilation)
+        acts = gated_activation(in_act + conds[i], C, dim=2)  # (B, T/g, C)
         weight, bias = res_skip_layer.effective_weight().squeeze(2), res_skip_layer.bias
         if i < n_layers - 1:  # rows: residual (C), then the skip rows through the end layer (n_out)
             weight = torch.cat([weight[:C], end_matrix @ weight[C:]])
             bias = torch.cat([bias[:C], end_matrix @ bias[C:]])
         else:  # the last layer has only skip rows
             weight, bias = end_matrix @ weight, end_matrix @ bias
-        res_skip = conv1d(acts, weight.unsqueeze(2), bias, 0, 1)  # (B, C + n_out or n_out, T/g)
+        res_skip = torch.addmm(bias, acts.view(batch * steps, C), weight.t()).view(batch, steps, -1)
         if i < n_layers - 1:
-            residual, skip = res_skip.split([C, n_out], dim=1)
+            residual, skip = res_skip.split([C, n_out], dim=2)
             residual_stream = residual_stream + residual
         else:
             skip = res_skip
         output = skip if output is None else output + skip
-    return output + wn.end.bias.unsqueeze(1)  # (B, n_out, T/g)
+    return (output + wn.end.bias).transpose(1, 2).contiguous()  # (B, n_out, T/g)
 
 
-def gated_activation(x, n_channels):
-    """glow.gated_activation, tanh(x[:, :C]) * sigmoid(x[:, C:]), bit for bit, forward and backward."""
-    return _GatedActivation.apply(x, n_channels)
+def _time_major_conv(x, weight, dilation):
+    """F.conv1d(x^T, weight, padding=dilation * (k - 1) / 2, dilation=dilation)^T for a time-major x (B, T, C_in)
+    and an odd kernel (C_out, C_in, k): the sum of k row-shifted matrix products, (B, T, C_out)."""
+    steps, taps = x.size(1), weight.size(2)
+    padded = F.pad(x, (0, 0, dilation * (taps // 2), dilation * (taps // 2)))  # (B, T + (k - 1) d, C_in)
+    return sum(torch.matmul(padded[:, tap * dilation:tap * dilation + steps], weight[:, :, tap].t())
+               for tap in range(taps))
+
+
+def gated_activation(x, n_channels, dim=1):
+    """glow.gated_activation, tanh(x[:, :C]) * sigmoid(x[:, C:]), bit for bit, forward and backward; dim: the
+    channel dimension (2 for time-major tensors)."""
+    return _GatedActivation.apply(x, n_channels, dim)
 
 
 class _GatedActivation(torch.autograd.Function):
@@ -329,21 +355,25 @@ class _GatedActivation(torch.autograd.Function):
     AVX2 cores, seven interleaved rounds): 1.035x."""
 
     @staticmethod
-    def forward(ctx, x, n_channels):
-        tanh_half, sigmoid_half = torch.tanh(x[:, :n_channels]), torch.sigmoid(x[:, n_channels:])
+    def forward(ctx, x, n_channels, dim):
+        tanh_input, sigmoid_input = x.split(n_channels, dim)
+        tanh_half, sigmoid_half = torch.tanh(tanh_input), torch.sigmoid(sigmoid_input)
         ctx.save_for_backward(tanh_half, sigmoid_half)
+        ctx.dim = dim
         return tanh_half * sigmoid_half  # (B, C, T/g)
 
     @staticmethod
     def backward(ctx, grad_acts):
         tanh_half, sigmoid_half = ctx.saved_tensors
-        grad = grad_acts.new_empty(grad_acts.size(0), 2 * tanh_half.size(1), grad_acts.size(2))  # (B, 2C, T/g)
-        grad_tanh_input, grad_sigmoid_input = grad.split(tanh_half.size(1), dim=1)
+        shape = list(grad_acts.shape)
+        shape[ctx.dim] *= 2
+        grad = grad_acts.new_empty(shape)  # (B, 2C, T/g)
+        grad_tanh_input, grad_sigmoid_input = grad.split(tanh_half.size(ctx.dim), dim=ctx.dim)
         torch.mul(grad_acts, sigmoid_half, out=grad_tanh_input)
         torch.ops.aten.tanh_backward.grad_input(grad_tanh_input, tanh_half, grad_input=grad_tanh_input)
         torch.mul(grad_acts, tanh_half, out=grad_sigmoid_input)
         torch.ops.aten.sigmoid_backward.grad_input(grad_sigmoid_input, sigmoid_half, grad_input=grad_sigmoid_input)
-        return grad, None
+        return grad, None, None
 
 
 def uses_folded_wn_inference(wn, spect):

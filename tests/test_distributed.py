@@ -188,8 +188,10 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
 
 
 # The fewest page faults of allocating, filling and freeing a 64 MiB tensor, over 4 tries each: outside the block,
-# inside it (after 3 such tensors have grown the heap) and after it; in a fresh interpreter, whose heap holds no
-# free 64 MiB yet.
+# inside it (after a 96 MiB tensor and 3 such tensors have grown the heap) and after it; in a fresh interpreter,
+# whose heap holds no free 64 MiB yet. The 96 MiB come first because a freed block of exactly 64 MiB may not
+# serve the next one: a small block allocated after it (the layout varies with what was imported) keeps it from
+# merging with the heap's top, and the next request needs its alignment on top of its size.
 MEMORY_REUSE_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -203,6 +205,7 @@ def fewest_faults(count=4):
     return min(counts)
 outside = fewest_faults()
 with distributed.cpu_memory_reuse(torch.device("cpu")):
+    torch.ones(96 * 2 ** 18).sum()  # a freed hole with room for 64 MiB and the small blocks allocated beside it
     fewest_faults(count=3)
     inside = fewest_faults()
 print(distributed._glibc() is not None, outside, inside, fewest_faults())

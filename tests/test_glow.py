@@ -4,11 +4,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import glow_fast
 from baseline import BaselineWaveGlow
 from conftest import REPO, TINY_WAVEGLOW, perturb_end_layers
 from glow import WN, WaveGlow, WaveGlowLoss, gated_activation, remove_weightnorm
+from winograd import dilated_conv3
 
 
 def make_model(seed=0, randomise_end=True, **overrides):
@@ -108,9 +110,10 @@ def test_gradients_reach_every_parameter():
 @pytest.mark.parametrize("n_in, n_layers, kernel_size", [(4, 3, 3), (3, 1, 3), (1, 2, 5)])
 def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math(monkeypatch, n_in, n_layers,
                                                                                  kernel_size):
-    """Float32 CPU WN (glow_fast.rearranged_wn_forward: the end layer composed into each skip matrix, the start
-    layer into the first dilated convolution): the layer-by-layer forward's output, input gradients and every
-    parameter's gradient, with every bias counting, for one layer and for odd channel counts."""
+    """Float32 CPU WN (glow_fast.rearranged_wn_forward: time-major, Winograd's F(4, 3) for 3-tap dilated layers,
+    the end layer composed into each skip matrix, the start layer into the first dilated convolution): the
+    layer-by-layer forward's output, input gradients and every parameter's gradient, with every bias counting,
+    for one layer, odd channel counts, a 5-tap kernel and a length no block size divides."""
     torch.manual_seed(4)
     wn = WN(n_in, 40, n_layers=n_layers, n_channels=8, kernel_size=kernel_size, n_out_channels=2 * n_in)
     with torch.no_grad():
@@ -143,6 +146,33 @@ def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math
     plain_acts = gated_activation(gate_input, 8)
     (plain_acts * gate_weights).sum().backward()
     assert torch.equal(fast_acts, plain_acts) and torch.equal(fast_grad, gate_input.grad)
+    time_major = gate_input.detach().transpose(1, 2).contiguous().requires_grad_()  # (B, T, 2C): the channels last
+    time_major_acts = glow_fast.gated_activation(time_major, 8, dim=2)
+    (time_major_acts * gate_weights.transpose(1, 2)).sum().backward()
+    fast_grad, time_major.grad = time_major.grad, None
+    plain_acts = torch.tanh(time_major[..., :8]) * torch.sigmoid(time_major[..., 8:])
+    (plain_acts * gate_weights.transpose(1, 2)).sum().backward()
+    assert torch.equal(time_major_acts, plain_acts) and torch.equal(fast_grad, time_major.grad)
+
+
+@pytest.mark.parametrize("batch, steps, dilation", [(1, 64, 1), (2, 37, 4), (3, 100, 16), (2, 50, 128)])
+def test_winograd_dilated_convolution_is_the_convolution_forward_and_backward(batch, steps, dilation):
+    """winograd.dilated_conv3 against F.conv1d: exact math (float64 to rounding) and float32 within 1e-5 of the
+    largest output, for lengths a block of 4 x dilation steps divides and does not, and shorter than one block."""
+    torch.manual_seed(5)
+    x = torch.randn(batch, 6, steps, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, 3, dtype=torch.float64, requires_grad=True)
+    reference = F.conv1d(x, weight, padding=dilation, dilation=dilation)  # (B, C_out, T)
+    grad_out = torch.randn_like(reference)
+    reference_grads = torch.autograd.grad(reference, (x, weight), grad_out)
+    x_time_major = x.detach().transpose(1, 2).contiguous().requires_grad_()  # (B, T, C_in)
+    output = dilated_conv3(x_time_major, weight, dilation)
+    grads = torch.autograd.grad(output, (x_time_major, weight), grad_out.transpose(1, 2))
+    torch.testing.assert_close(output.transpose(1, 2), reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0].transpose(1, 2), reference_grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], reference_grads[1], rtol=1e-12, atol=1e-12)
+    float32 = dilated_conv3(x_time_major.detach().float(), weight.detach().float(), dilation).transpose(1, 2)
+    assert (float32.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 @pytest.mark.parametrize("hop, n_frames, batch_size", [(256, 5, 2), (200, 3, 1), (4, 7, 3)])
