@@ -360,14 +360,14 @@ class _GatedActivation(torch.autograd.Function):
         tanh_half, sigmoid_half = torch.tanh(tanh_input), torch.sigmoid(sigmoid_input)
         ctx.save_for_backward(tanh_half, sigmoid_half)
         ctx.dim = dim
-        return tanh_half * sigmoid_half  # (B, C, T/g)
+        return tanh_half * sigmoid_half  # (B, C, T/g), or (B, T/g, C) time-major
 
     @staticmethod
     def backward(ctx, grad_acts):
         tanh_half, sigmoid_half = ctx.saved_tensors
         shape = list(grad_acts.shape)
         shape[ctx.dim] *= 2
-        grad = grad_acts.new_empty(shape)  # (B, 2C, T/g)
+        grad = grad_acts.new_empty(shape)  # (B, 2C, T/g), or (B, T/g, 2C) time-major
         grad_tanh_input, grad_sigmoid_input = grad.split(tanh_half.size(ctx.dim), dim=ctx.dim)
         torch.mul(grad_acts, sigmoid_half, out=grad_tanh_input)
         torch.ops.aten.tanh_backward.grad_input(grad_tanh_input, tanh_half, grad_input=grad_tanh_input)
