@@ -14,6 +14,7 @@ import platform
 import torch
 import torch.nn.functional as F
 
+import cpu_matmul
 import winograd
 
 
@@ -292,17 +293,18 @@ def rearranged_wn_forward(wn, audio, spect):
     layer-by-layer forward on one WN's forward and backward (2 x 2000 groups, five interleaved rounds); F(4, 3)
     1.32x F.conv1d on config.json's dilated layers at 1 x 1000 groups, 1.48x at 2 x 2000; a training step at
     1 x 8000 samples 1.15x the baseline before F(4, 3), 1.31-1.33x with it. Its gate is gated_activation below:
-    glow.py's, with a backward of fewer passes."""
+    glow.py's, with a backward of fewer passes. Its matrix products go through cpu_matmul, which runs them by oneDNN
+    on CPUs where torch runs AVX-512."""
     C, n_layers = wn.n_channels, wn.n_layers
     batch, steps = audio.size(0), audio.size(2)
     end_matrix = wn.end.weight.squeeze(2)  # (n_out, C)
     n_out = end_matrix.size(0)
     start_weight = wn.start.effective_weight().squeeze(2)  # (C, n_half)
     audio = audio.transpose(1, 2)  # (B, T/g, n_half), time-major from here on
-    residual_stream = torch.matmul(audio, start_weight.t()) + wn.start.bias  # (B, T/g, C): wn.start(audio)
+    residual_stream = cpu_matmul.matmul(audio, start_weight.t(), wn.start.bias)  # (B, T/g, C): wn.start(audio)
     cond_bias = wn.cond_layer.bias + torch.cat([layer.bias for layer in wn.in_layers])
-    conds = torch.addmm(cond_bias, spect.transpose(1, 2).reshape(batch * steps, -1),
-                        wn.cond_layer.effective_weight().squeeze(2).t())
+    conds = cpu_matmul.matmul(spect.transpose(1, 2).reshape(batch * steps, -1),
+                              wn.cond_layer.effective_weight().squeeze(2).t(), cond_bias)
     conds = conds.view(batch, steps, -1).split(2 * C, dim=2)  # n_layers x (B, T/g, 2C), in-layer biases included
     output = None
     for i, (in_layer, res_skip_layer) in enumerate(zip(wn.in_layers, wn.res_skip_layers, strict=True)):
@@ -323,7 +325,7 @@ def rearranged_wn_forward(wn, audio, spect):
             bias = torch.cat([bias[:C], end_matrix @ bias[C:]])
         else:  # the last layer has only skip rows
             weight, bias = end_matrix @ weight, end_matrix @ bias
-        res_skip = torch.addmm(bias, acts.view(batch * steps, C), weight.t()).view(batch, steps, -1)
+        res_skip = cpu_matmul.matmul(acts.view(batch * steps, C), weight.t(), bias).view(batch, steps, -1)
         if i < n_layers - 1:
             residual, skip = res_skip.split([C, n_out], dim=2)
             residual_stream = residual_stream + residual
@@ -338,7 +340,7 @@ def _time_major_conv(x, weight, dilation):
     and an odd kernel (C_out, C_in, k): the sum of k row-shifted matrix products, (B, T, C_out)."""
     steps, taps = x.size(1), weight.size(2)
     padded = F.pad(x, (0, 0, dilation * (taps // 2), dilation * (taps // 2)))  # (B, T + (k - 1) d, C_in)
-    return sum(torch.matmul(padded[:, tap * dilation:tap * dilation + steps], weight[:, :, tap].t())
+    return sum(cpu_matmul.matmul(padded[:, tap * dilation:tap * dilation + steps], weight[:, :, tap].t())
                for tap in range(taps))
 
 

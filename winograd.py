@@ -17,10 +17,13 @@ With channels every point's product is a matrix product, (tiles x C_in)(C_in x C
 multiply-adds halve, forward and backward; the transforms are sums of whole rows (one time step's C channels
 are contiguous in the time-major layout). The same math as F.conv1d up to rounding (float32: within ~2e-6 of
 its largest output). Measured on config.json's layers (256 -> 512 channels, dilations 1-128, forward and
-backward, two AVX2 cores): 1.32x F.conv1d at 1 x 1000 time steps, 1.48x at 2 x 2000.
+backward, two AVX2 cores): 1.32x F.conv1d at 1 x 1000 time steps, 1.48x at 2 x 2000. The point products go
+through cpu_matmul (oneDNN's on CPUs where torch runs AVX-512).
 """
 import torch
 import torch.nn.functional as F
+
+import cpu_matmul
 
 # G: the filter transform, (6 points, 3 taps)
 FILTER_TRANSFORM = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
@@ -94,7 +97,7 @@ class _WinogradF43(torch.autograd.Function):
         transformed = x.new_empty(6, batch, n_blocks, d, channels)  # B^T x
         _input_transform(inputs, transformed)
         transformed = transformed.view(6, -1, channels)  # (6, tiles, C_in)
-        products = torch.bmm(transformed, points).view(6, batch, n_blocks, d, c_out)
+        products = [m.view(batch, n_blocks, d, c_out) for m in cpu_matmul.point_products(transformed, points)]
         y = x.new_empty(batch, n_blocks, 4, d, c_out)
         _output_transform(products, y.unbind(2))
         ctx.save_for_backward(transformed, points)
@@ -113,10 +116,13 @@ class _WinogradF43(torch.autograd.Function):
         grad_products = grad_y.new_empty(6, batch, n_blocks, d, c_out)
         _output_transform_backward(grad_y.view(batch, n_blocks, 4, d, c_out).unbind(2), grad_products)
         grad_products = grad_products.view(6, -1, c_out)  # (6, tiles, C_out)
-        grad_points = torch.bmm(transformed.transpose(1, 2), grad_products) if ctx.needs_input_grad[1] else None
+        grad_points = None
+        if ctx.needs_input_grad[1]:
+            grad_points = torch.stack(cpu_matmul.point_products(transformed, grad_products, transpose_a=True))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_transformed = torch.bmm(grad_products, points.transpose(1, 2)).view(6, batch, n_blocks, d, channels)
+            grad_transformed = [u.view(batch, n_blocks, d, channels)
+                                for u in cpu_matmul.point_products(grad_products, points.transpose(1, 2))]
             grad_padded = grad_y.new_empty(batch, n_blocks + 2, 4, d, channels)
             grad_padded[:, n_blocks:].zero_()
             _input_transform_backward(grad_transformed, grad_padded[:, :n_blocks].unbind(2),

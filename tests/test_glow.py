@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_matmul
 import glow_fast
 from baseline import BaselineWaveGlow
 from conftest import REPO, TINY_WAVEGLOW, perturb_end_layers
@@ -107,15 +108,18 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
-@pytest.mark.parametrize("n_in, n_layers, kernel_size", [(4, 3, 3), (3, 1, 3), (1, 2, 5)])
+@pytest.mark.parametrize("n_in, n_layers, kernel_size, n_channels, onednn", [
+    (4, 3, 3, 8, False), (3, 1, 3, 8, False), (1, 2, 5, 8, False), (2, 2, 3, 64, False), (2, 2, 3, 64, True)])
 def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math(monkeypatch, n_in, n_layers,
-                                                                                 kernel_size):
+                                                                                 kernel_size, n_channels, onednn):
     """Float32 CPU WN (glow_fast.rearranged_wn_forward: time-major, Winograd's F(4, 3) for 3-tap dilated layers,
     the end layer composed into each skip matrix, the start layer into the first dilated convolution): the
     layer-by-layer forward's output, input gradients and every parameter's gradient, with every bias counting,
-    for one layer, odd channel counts, a 5-tap kernel and a length no block size divides."""
+    for one layer, odd channel counts, a 5-tap kernel and a length no block size divides; with 64 channels also
+    with its wide products by oneDNN (cpu_matmul), as on CPUs with AVX-512."""
+    monkeypatch.setattr(cpu_matmul, "uses_onednn", lambda: onednn)
     torch.manual_seed(4)
-    wn = WN(n_in, 40, n_layers=n_layers, n_channels=8, kernel_size=kernel_size, n_out_channels=2 * n_in)
+    wn = WN(n_in, 40, n_layers=n_layers, n_channels=n_channels, kernel_size=kernel_size, n_out_channels=2 * n_in)
     with torch.no_grad():
         for parameter in wn.parameters():
             parameter.normal_(0, 0.3)  # the end layer and biases start at zero; make every composed term count
@@ -153,6 +157,51 @@ def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math
     plain_acts = torch.tanh(time_major[..., :8]) * torch.sigmoid(time_major[..., 8:])
     (plain_acts * gate_weights.transpose(1, 2)).sum().backward()
     assert torch.equal(time_major_acts, plain_acts) and torch.equal(fast_grad, time_major.grad)
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_float32_products_by_either_library_are_the_products_forward_and_backward(monkeypatch, onednn):
+    """cpu_matmul's products, by torch's own matmul or by oneDNN's linear (forced here, on any CPU): a @ b + bias
+    and its three gradients for a 2-D a and for a non-contiguous 3-D slice, and the stacked point products plain
+    and transposed, all against float64; narrow products stay torch's even where oneDNN is chosen."""
+    monkeypatch.setattr(cpu_matmul, "uses_onednn", lambda: onednn)
+    calls = []
+    to_onednn = cpu_matmul._onednn
+    monkeypatch.setattr(cpu_matmul, "_onednn", lambda *args: calls.append(1) or to_onednn(*args))
+    torch.manual_seed(6)
+    padded = torch.randn(2, 60, 64)
+    for a, bias in ((torch.randn(70, 96), torch.randn(80)), (padded[:, 3:53], None)):  # (70, 96); (2, 50, 64)
+        a = a.requires_grad_() if a.is_leaf else a.detach().requires_grad_()
+        b = torch.randn(a.size(-1), 80, requires_grad=True)
+        inputs = (a, b) if bias is None else (a, b, bias.requires_grad_())
+        grad_out = torch.randn(*a.shape[:-1], 80)
+        output = cpu_matmul.matmul(a, b, bias)
+        grads = torch.autograd.grad(output, inputs, grad_out)
+        exact = [t.detach().double().requires_grad_() for t in inputs]
+        reference = exact[0] @ exact[1] + (exact[2] if bias is not None else 0)
+        reference_grads = torch.autograd.grad(reference, exact, grad_out.double())
+        for ours, theirs in zip((output, *grads), (reference, *reference_grads), strict=True):
+            torch.testing.assert_close(ours.double(), theirs.detach(), rtol=1e-5, atol=1e-4)
+    a, b, c = torch.randn(6, 90, 64), torch.randn(6, 64, 72), torch.randn(6, 90, 72)
+    for ours, theirs in ((cpu_matmul.point_products(a, b), a.double() @ b.double()),
+                         (cpu_matmul.point_products(a, c, transpose_a=True), a.double().transpose(1, 2) @ c.double())):
+        torch.testing.assert_close(torch.stack(list(ours)).double(), theirs, rtol=1e-5, atol=1e-4)
+    assert bool(calls) is onednn
+    calls.clear()
+    narrow = torch.randn(64, 5, requires_grad=True)  # a 5-wide operand: torch's product on every CPU
+    cpu_matmul.matmul(torch.randn(30, 64), narrow).sum().backward()
+    assert not calls
+
+
+@pytest.mark.parametrize("capability, onednn", [("AVX2", False), ("DEFAULT", False), ("AVX512", True)])
+def test_float32_products_go_to_onednn_only_where_torch_runs_avx512(monkeypatch, capability, onednn):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu_matmul.uses_onednn.cache_clear()  # the choice is cached: ask again
+    try:
+        assert cpu_matmul.uses_onednn() is (onednn and torch.backends.mkldnn.is_available())
+    finally:
+        monkeypatch.undo()
+        cpu_matmul.uses_onednn.cache_clear()  # the next test sees this machine's own answer again
 
 
 @pytest.mark.parametrize("batch, steps, dilation", [(1, 64, 1), (2, 37, 4), (3, 100, 16), (2, 50, 128)])

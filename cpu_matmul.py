@@ -1,0 +1,75 @@
+"""Float32 matrix products of time-major rows on CPUs, by the library that runs them at the CPU's width.
+
+torch sends float32 products to MKL, which on AMD CPUs runs its AVX2 code even where the CPU has AVX-512, while
+torch's convolutions (oneDNN) use AVX-512 on every vendor's CPU. So on such a CPU a matrix product ran at half a
+convolution's speed, and the float32 training path (glow_fast.rearranged_wn_forward, winograd.py) saved
+multiply-adds only to spend them at half the rate. Measured on two Zen 5 cores (torch capability AVX512), WN's
+products at 2 x 16000 samples (4000 x 256 @ 256 x 512 and its kin): torch.addmm 145-190 GFLOP/s, oneDNN's linear
+300-410; weight gradients (both operands transposed) 190-280 against 150-180. So where torch's capability is
+AVX-512, these products go to oneDNN's linear; elsewhere (AVX2, where the matrix products measured as fast as
+the convolutions) they stay torch's own, to the bit.
+"""
+import functools
+
+import torch
+
+
+@functools.cache
+def uses_onednn():
+    """Whether float32 products go to oneDNN: a CPU whose torch capability is AVX-512, a torch with oneDNN's linear."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+def _onednn(rows, weight, bias=None):
+    """rows (..., K) @ weight (N, K)^T + bias (N) by oneDNN's linear (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _routed(a, b):
+    """Whether a @ b goes to oneDNN: float32 on a CPU where uses_onednn(), both of b's sides at least 64 wide. oneDNN's
+    linear is very slow for a narrow operand: 1000 x 5 @ 5 x 512, WN's first dilated layer composed with the start
+    layer, took 33-38 ms against well under a millisecond for torch.matmul, forward and backward alike."""
+    return (a.dtype == torch.float32 and a.device.type == "cpu" and min(b.shape[-2:]) >= 64 and uses_onednn())
+
+
+def matmul(a, b, bias=None):
+    """a (..., K) @ b (K, N) + bias (N), with autograd. Where uses_onednn(), by oneDNN; else torch.addmm (a 2-D `a`
+    with a bias) or torch.matmul and an addition, as the callers ran before this hook."""
+    if _routed(a, b):
+        return _OneDnnMatmul.apply(a, b, bias)
+    if bias is not None and a.dim() == 2:
+        return torch.addmm(bias, a, b)
+    product = torch.matmul(a, b)
+    return product if bias is None else product + bias
+
+
+def point_products(a, b, transpose_a=False):
+    """[a[p] @ b[p] for p] (a[p]^T @ b[p] with transpose_a) for stacks a (P, M, K) and b (P, K, N), no autograd:
+    a list of P matrices, since oneDNN's linear writes no output it is given. Elsewhere one torch.bmm, unbound."""
+    if _routed(a, b):
+        rows = a.transpose(1, 2) if transpose_a else a
+        return [_onednn(rows[p], b[p].t()) for p in range(a.size(0))]
+    return torch.bmm(a.transpose(1, 2) if transpose_a else a, b).unbind(0)
+
+
+class _OneDnnMatmul(torch.autograd.Function):
+    """a @ b + bias by oneDNN, forward and backward: grad_a = g b^T, grad_b = a^T g, grad_bias = sum of g's rows."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias):
+        ctx.save_for_backward(a, b)
+        ctx.has_bias = bias is not None
+        return _onednn(a, b.t(), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = _onednn(grad, b) if ctx.needs_input_grad[0] else None
+        grad_rows = grad.reshape(-1, grad.size(-1))  # (M, N)
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_b = _onednn(a.reshape(-1, a.size(-1)).t(), grad_rows.t())  # (K, N)
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_bias
