@@ -510,14 +510,15 @@ def test_compiled_coupling_networks_compute_the_same_flow():
     assert (compiled.reverse(mel, z_compiled) - audio).abs().max() < 1e-5
 
 
-def frame_test_model():
+def frame_test_model(n_channels=16):
     """A folded model whose every bias and the upsampler's count, with the baseline on the same weights."""
-    model = make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 3})
+    wn_config = {"n_layers": 3, "n_channels": n_channels, "kernel_size": 3}
+    model = make_model(WN_config=wn_config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0, 0.3)
-    baseline = BaselineWaveGlow(**{**TINY_WAVEGLOW, "WN_config": {"n_layers": 3, "n_channels": 16, "kernel_size": 3}})
+    baseline = BaselineWaveGlow(**{**TINY_WAVEGLOW, "WN_config": wn_config})
     baseline.load_upstream_state_dict(model.state_dict())
     return remove_weightnorm(model).eval(), baseline
 
@@ -541,6 +542,24 @@ def test_float32_cpu_inference_on_mel_frames_equals_the_plain_math(monkeypatch, 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bfloat16 keeps the grouped mel and its own path
         audio_bf16 = model.reverse(mel, z)
     assert len(calls) == 4 and ((audio_bf16 - audio).norm() / audio.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_float32_cpu_inference_on_mel_frames_with_wide_layers_by_either_library(monkeypatch, onednn):
+    """The frame-conditioned inference of a 64-channel WN, its products by torch's or by oneDNN's (forced here, on
+    any CPU; there the taps of each dilated layer are stacked, in blocks of rows that do not divide the clip): the
+    plain float32 model's audio to float32 accuracy."""
+    monkeypatch.setattr(cpu_matmul, "uses_onednn", lambda: onednn)
+    monkeypatch.setattr(glow_fast, "TAP_BLOCK_ROWS", 100)
+    calls = []
+    onednn_plus = cpu_matmul._onednn_plus
+    monkeypatch.setattr(cpu_matmul, "_onednn_plus", lambda *args: calls.append(1) or onednn_plus(*args))
+    model, baseline = frame_test_model(n_channels=64)
+    glow_fast.prepare_frame_conditioning(model)
+    generator = torch.Generator().manual_seed(4)
+    mel, z = torch.randn(1, 80, 5, generator=generator), torch.randn(1, 8, 5 * 256 // 8, generator=generator)
+    torch.testing.assert_close(model.reverse(mel, z), baseline.reverse(mel, z), rtol=1e-5, atol=1e-5)
+    assert bool(calls) is onednn
 
 
 def test_frame_conditioning_is_taken_once_it_has_paid_for_itself():
