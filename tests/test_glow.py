@@ -170,15 +170,18 @@ def test_float32_products_by_either_library_are_the_products_forward_and_backwar
     monkeypatch.setattr(cpu_matmul, "_onednn", lambda *args: calls.append(1) or to_onednn(*args))
     torch.manual_seed(6)
     padded = torch.randn(2, 60, 64)
-    for a, bias in ((torch.randn(70, 96), torch.randn(80)), (padded[:, 3:53], None)):  # (70, 96); (2, 50, 64)
+    cases = ((torch.randn(70, 96), torch.randn(80), False), (padded[:, 3:53], None, False),  # (70, 96), (2, 50, 64)
+             (torch.randn(70, 96), torch.randn(80), True))  # b as the callers pass it: a weight (N, K), transposed
+    for a, bias, transposed in cases:
         a = a.requires_grad_() if a.is_leaf else a.detach().requires_grad_()
-        b = torch.randn(a.size(-1), 80, requires_grad=True)
+        b = torch.randn(80, a.size(-1)) if transposed else torch.randn(a.size(-1), 80)  # a leaf, b below its view
+        b.requires_grad_()
         inputs = (a, b) if bias is None else (a, b, bias.requires_grad_())
         grad_out = torch.randn(*a.shape[:-1], 80)
-        output = cpu_matmul.matmul(a, b, bias)
+        output = cpu_matmul.matmul(a, b.t() if transposed else b, bias)
         grads = torch.autograd.grad(output, inputs, grad_out)
         exact = [t.detach().double().requires_grad_() for t in inputs]
-        reference = exact[0] @ exact[1] + (exact[2] if bias is not None else 0)
+        reference = exact[0] @ (exact[1].t() if transposed else exact[1]) + (exact[2] if bias is not None else 0)
         reference_grads = torch.autograd.grad(reference, exact, grad_out.double())
         for ours, theirs in zip((output, *grads), (reference, *reference_grads), strict=True):
             torch.testing.assert_close(ours.double(), theirs.detach(), rtol=1e-5, atol=1e-4)
@@ -455,11 +458,14 @@ def test_bfloat16_weight_cache_follows_weight_changes_and_is_not_saved():
     assert glow_fast._wn_inference_matrices(model.WN[0], torch.bfloat16) is bf16_matrices
 
 
-def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch, onednn):
     """Folded CPU inference (bf16, then float32) takes WN's in-place path (conditioning and dilated convolution
     as one product, the gate through sigmoids alone, the end layer folded into the skip matrices, biases moved,
     products accumulating into the residual stream and the output as views of one tensor): it must compute what
-    the layer-by-layer forward does, for a batch, without touching its inputs."""
+    the layer-by-layer forward does, for a batch, without touching its inputs. Where cpu_matmul takes oneDNN
+    (forced here, on any CPU) float32 takes the time-major rearranged WN instead, to the same accuracy."""
+    monkeypatch.setattr(cpu_matmul, "uses_onednn", lambda: onednn)
     model = remove_weightnorm(make_model(WN_config={"n_layers": 3, "n_channels": 16, "kernel_size": 5})).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -483,8 +489,11 @@ def test_cpu_inference_folds_biases_and_sums_in_place(monkeypatch):
     calls.clear()
     with torch.no_grad():  # float32 takes the same path, to float32 accuracy
         fast = model.WN[0](inputs)
-    assert calls, "folded float32 inference did not take the in-place path"
-    torch.testing.assert_close(fast, model.WN[0](inputs), rtol=1e-5, atol=1e-5)
+    assert bool(calls) is not onednn, "folded float32 inference took the other path"
+    with monkeypatch.context() as plain:
+        plain.setattr(glow_fast, "uses_rearranged_wn", lambda wn, spect: False)
+        reference = model.WN[0](inputs)  # with gradients: the layer-by-layer forward
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     mel, z = torch.randn(3, 80, 6, generator=generator), torch.randn(3, 8, 6 * 32, generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         audio_bf16 = model.reverse(mel, z)
