@@ -3,11 +3,12 @@
 torch sends float32 products to MKL, which on AMD CPUs runs its AVX2 code even where the CPU has AVX-512, while
 torch's convolutions (oneDNN) use AVX-512 on every vendor's CPU. So on such a CPU a matrix product ran at half a
 convolution's speed, and the float32 paths of training (glow_fast.rearranged_wn_forward, winograd.py) and of
-inference (glow_fast.frame_conditioned_wn_inference) saved multiply-adds only to spend them at half the rate. Measured on two Zen 5 cores (torch capability AVX512), WN's
-products at 2 x 16000 samples (4000 x 256 @ 256 x 512 and its kin): torch.addmm 145-190 GFLOP/s, oneDNN's linear
-300-410; weight gradients (both operands transposed) 190-280 against 150-180. So where torch's capability is
-AVX-512, these products go to oneDNN's linear; elsewhere they stay torch's own, to the bit (on two AVX2 cores
-oneDNN's linear was no faster than addmm_ for the frame path's products: 69-110 GFLOP/s against 96-148).
+inference (glow_fast.frame_conditioned_wn_inference) saved multiply-adds only to spend them at half the rate.
+Measured on two Zen 5 cores (torch capability AVX512), WN's products at 2 x 16000 samples (4000 x 256 @ 256 x 512
+and its kin): torch.addmm 145-190 GFLOP/s, oneDNN's linear 300-410; weight gradients (both operands transposed)
+190-280 against 150-180. So where torch's capability is AVX-512, these products go to oneDNN's linear; elsewhere
+they stay torch's own, to the bit (on two AVX2 cores oneDNN's linear was no faster than addmm_ for the frame
+path's products: 69-110 GFLOP/s against 96-148).
 """
 import functools
 
@@ -56,7 +57,7 @@ def point_products(a, b, transpose_a=False):
 
 def accumulate(out, a, b):
     """out += a (M, K) @ b (K, N) in place, no autograd: torch's addmm_, or where a @ b goes to oneDNN, its linear
-    with the addition fused, copied back. oneDNN takes b^T contiguous (a strided weight measured ~100x slower)."""
+    with the addition fused, copied back. oneDNN takes b^T contiguous (a strided weight measured over 100x slower)."""
     if _routed(a, b):
         return out.copy_(_onednn_plus(a, b.t().contiguous(), out))
     return out.addmm_(a, b)
