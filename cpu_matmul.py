@@ -28,7 +28,7 @@ def _onednn(rows, weight, bias=None):
     return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
 
 
-def _routed(a, b):
+def routed(a, b):
     """Whether a @ b goes to oneDNN: float32 on a CPU where uses_onednn(), both of b's sides at least 64 wide. oneDNN's
     linear is very slow for a narrow operand: 1000 x 5 @ 5 x 512, WN's first dilated layer composed with the start
     layer, took 33-38 ms against well under a millisecond for torch.matmul, forward and backward alike."""
@@ -38,7 +38,7 @@ def _routed(a, b):
 def matmul(a, b, bias=None):
     """a (..., K) @ b (K, N) + bias (N), with autograd. Where uses_onednn(), by oneDNN; else torch.addmm (a 2-D `a`
     with a bias) or torch.matmul and an addition, as the callers ran before this hook."""
-    if _routed(a, b):
+    if routed(a, b):
         return _OneDnnMatmul.apply(a, b, bias)
     if bias is not None and a.dim() == 2:
         return torch.addmm(bias, a, b)
@@ -46,19 +46,21 @@ def matmul(a, b, bias=None):
     return product if bias is None else product + bias
 
 
-def point_products(a, b, transpose_a=False):
-    """[a[p] @ b[p] for p] (a[p]^T @ b[p] with transpose_a) for stacks a (P, M, K) and b (P, K, N), no autograd:
-    a list of P matrices, since oneDNN's linear writes no output it is given. Elsewhere one torch.bmm, unbound."""
-    if _routed(a, b):
-        rows = a.transpose(1, 2) if transpose_a else a
-        return [_onednn(rows[p], b[p].t()) for p in range(a.size(0))]
-    return torch.bmm(a.transpose(1, 2) if transpose_a else a, b).unbind(0)
+def point_products(a, b, transpose_a=False, stacked=False):
+    """a[p] @ b[p] (a[p]^T @ b[p] with transpose_a) for stacks a (P, M, K) and b (P, K, N), no autograd. Elsewhere
+    one torch.bmm, (P, M, N). Where oneDNN is taken, a list of the P matrices, since its linear writes no output it
+    is given; stacked into one tensor only if `stacked`."""
+    a = a.transpose(1, 2) if transpose_a else a
+    if not routed(a, b):
+        return torch.bmm(a, b)
+    products = [_onednn(a[p], b[p].t()) for p in range(a.size(0))]
+    return torch.stack(products) if stacked else products
 
 
 def accumulate(out, a, b):
     """out += a (M, K) @ b (K, N) in place, no autograd: torch's addmm_, or where a @ b goes to oneDNN, its linear
     with the addition fused, copied back. oneDNN takes b^T contiguous (a strided weight measured over 100x slower)."""
-    if _routed(a, b):
+    if routed(a, b):
         return out.copy_(_onednn_plus(a, b.t().contiguous(), out))
     return out.addmm_(a, b)
 

@@ -386,8 +386,7 @@ def uses_folded_wn_inference(wn, spect):
     interleaved rounds: 0.71 x real time against 0.43 here, the baseline's convolutions 0.55."""
     if spect.device.type != "cpu" or not wn.start.folded or not _inference_outside_compile():
         return False
-    grouped_float32 = not isinstance(spect, MelFrames) and _cpu_low_precision(spect) is None
-    return not (grouped_float32 and spect.dtype == torch.float32 and cpu_matmul.uses_onednn())
+    return isinstance(spect, MelFrames) or not (cpu_matmul.uses_onednn() and uses_rearranged_wn(wn, spect))
 
 
 def folded_wn_inference(wn, audio, spect):
@@ -597,18 +596,19 @@ def frame_conditioned_wn_inference(wn, audio, frames):
             cond_out = _frame_product(frame_rows, cond)  # (n_blocks, 32*2C): conditioning and both biases
             in_act = cond_out.view(-1, 2 * C)[:length]  # (T/g, 2C): (2a, b)
             shifts = [tap * in_layer.dilation - in_layer.padding for tap in range(kernel_size)]  # tap reads t + shift
+            taps_weight = input_matrix[:, n_cond:n_cond + kernel_size * C]  # (2C, kC), tap-major
             if i == 0:  # the start layer's input, through the start layer
                 for tap, shift in enumerate(shifts):
                     in_act.addmm_(audio_and_one[pad + shift:pad + shift + length], first_taps[tap])
-            elif cpu_matmul.uses_onednn():  # oneDNN is fast on contiguous rows only: the taps stacked, block by block
-                taps_matrix = input_matrix[:, n_cond:n_cond + kernel_size * C].contiguous()  # (2C, kC)
+            elif cpu_matmul.routed(in_act, taps_weight.t()):  # oneDNN, fast on contiguous rows: the taps stacked
+                taps_matrix = taps_weight.contiguous()
                 for begin in range(0, length, TAP_BLOCK_ROWS):
                     end = min(begin + TAP_BLOCK_ROWS, length)
                     taps = torch.cat([state[pad + shift + begin:pad + shift + end, :C] for shift in shifts], 1)
                     cpu_matmul.accumulate(in_act[begin:end], taps, taps_matrix.t())  # taps: (rows, kC)
             else:
                 for tap, shift in enumerate(shifts):
-                    tap_matrix = input_matrix[:, n_cond + tap * C:n_cond + (tap + 1) * C]  # (2C, C)
+                    tap_matrix = taps_weight[:, tap * C:(tap + 1) * C]  # (2C, C)
                     in_act.addmm_(state[pad + shift:pad + shift + length, :C], tap_matrix.t())
             tanh_gate, sigmoid_gate = torch.sigmoid_(in_act).split(C, dim=1)
             torch.addcmul(sigmoid_gate, tanh_gate, sigmoid_gate, value=-2.0, out=negated_acts)

@@ -118,7 +118,7 @@ class _WinogradF43(torch.autograd.Function):
         grad_products = grad_products.view(6, -1, c_out)  # (6, tiles, C_out)
         grad_points = None
         if ctx.needs_input_grad[1]:
-            grad_points = torch.stack(cpu_matmul.point_products(transformed, grad_products, transpose_a=True))
+            grad_points = cpu_matmul.point_products(transformed, grad_products, transpose_a=True, stacked=True)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_transformed = [u.view(batch, n_blocks, d, channels)
