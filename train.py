@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, CheckpointMismatch, fit_weights, load_checkpoint,
                         mel_setting_changes, remove_interrupted_saves, save_checkpoint)
 from config import ConfigError, resolve_config
-from distributed import (Precision, all_reduce_sum, cleanup_distributed, cpu_memory_reuse, make_precision,
-                         setup_distributed, unwrap, wrap_ddp)
+from distributed import (Precision, all_reduce_sum, broadcast_from_rank0, cleanup_distributed, cpu_memory_reuse,
+                         make_precision, setup_distributed, unwrap, wrap_ddp)
 from evaluate import mean_scores, validation_nll, vocoder_scores
 from glow import WaveGlow, WaveGlowLoss, compile_coupling_networks
 from mel2samp import AudioError, Mel2Samp
@@ -315,7 +315,7 @@ def claim_output_directory(output_directory, log):
     return None
 
 
-def prepare_output_directory(config, rank, log):
+def prepare_output_directory(config, rank, device, log):
     """Rank 0 claims the output directory (one run per directory; every rank learns of a refusal), writes the
     resolved config, removes partial saves of killed runs and opens tensorboard (returned)."""
     tc = config["train_config"]
@@ -324,10 +324,7 @@ def prepare_output_directory(config, rank, log):
     if refusal is not None:  # said before any rank can leave, so that a launcher stopping the others hides nothing
         exit_code, message = refusal
         print(f"error: {message}", file=sys.stderr, flush=True)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        shared = [exit_code]
-        torch.distributed.broadcast_object_list(shared, src=0)  # before anyone trains: no rank waits alone
-        exit_code = shared[0]
+    exit_code = broadcast_from_rank0(exit_code, device)  # before anyone trains: no rank waits alone
     if exit_code:
         raise OutputDirectoryRefused(exit_code)
     if rank != 0:
@@ -377,8 +374,8 @@ def set_up(config, rank_flag=None, group_name=""):
     model, optimizer = precision.initialize(model, optimizer)  # apex O2 casts the model here
     if tc["compile"]:
         compile_coupling_networks(model)  # in place: checkpoints keep their names
+    writer = prepare_output_directory(config, rank, device, log)  # a refused run leaves before DDP's first broadcast
     model = wrap_ddp(model, device)
-    writer = prepare_output_directory(config, rank, log)
     run = Run(config, device, rank, world_size, model, criterion, optimizer, precision,
               precision.parameters_to_clip(unwrap(model), optimizer),
               tc["grad_clip_thresh"] if tc["grad_clip_thresh"] > 0 else math.inf,

@@ -187,6 +187,40 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
         assert not torch.allclose(weight, initial[name], atol=1e-5), name
 
 
+# Each rank: 200 collectives through distributed.py, counting those after which the tensor still had references beyond
+# its own; then it leaves at once, as a rank with nothing to save does. torch._dynamo is imported first, as fused Adam
+# imports it in training: from then on the group outlives destroy_process_group.
+COLLECTIVES_PROBE = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import torch._dynamo
+import distributed
+dist.init_process_group("gloo")
+rank, held = dist.get_rank(), 0
+for i in range(100):
+    assert distributed.broadcast_from_rank0(i if rank == 0 else -1, torch.device("cpu")) == i
+    summed = torch.full((3,), float(rank + 1))
+    before = summed._use_count()
+    assert distributed.all_reduce_sum(summed).tolist() == [3.0] * 3
+    held += summed._use_count() != before
+print(f"rank {rank}: {held} collectives returned while the backend still held their tensor", flush=True)
+distributed.cleanup_distributed()
+"""
+
+
+def test_collectives_return_only_once_gloo_has_let_go_of_their_tensors(tmp_path):
+    """A gloo worker releases a finished operation's tensors a moment after the caller wakes, and needs the GIL to;
+    in a process already in its exit, that aborted it (SIGABRT). distributed.py's collectives return only once
+    the worker is done with their tensors."""
+    (tmp_path / "probe.py").write_text(COLLECTIVES_PROBE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "probe.py"), str(REPO)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: 0 collectives returned while the backend still held their tensor" in result.stdout
+
+
 # The fewest page faults of allocating, filling and freeing a 64 MiB tensor, over 4 tries each: outside the block,
 # inside it (after a 96 MiB tensor and 3 such tensors have grown the heap) and after it; in a fresh interpreter,
 # whose heap holds no free 64 MiB yet. The 96 MiB come first because a freed block of exactly 64 MiB may not
