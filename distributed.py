@@ -294,7 +294,7 @@ def _settled(tensor, collective):
     3 of 30 refused 2-process runs on a busy 2-core machine; 0 of 45 with this wait. NCCL and HCCL keep their own
     bookkeeping and are not waited on.
     """
-    before = tensor._use_count()  # the tensor's C++ references: the operation's add to it until the worker is done
+    before = tensor._use_count()  # C++ references to the tensor; the operation holds more until the worker is done
     collective().wait()
     if dist.get_backend() != "gloo":
         return tensor

@@ -187,8 +187,8 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
         assert not torch.allclose(weight, initial[name], atol=1e-5), name
 
 
-# Each rank: 200 collectives through distributed.py, counting those after which the tensor still had references beyond
-# its own; then it leaves at once, as a rank with nothing to save does. torch._dynamo is imported first, as fused Adam
+# Each rank: 100 broadcasts and 100 all-reduces through distributed.py, counting the all-reduces after which their tensor
+# still had references beyond its own; then it leaves at once, as a rank with nothing to save does. torch._dynamo is imported first, as fused Adam
 # imports it in training: from then on the group outlives destroy_process_group.
 COLLECTIVES_PROBE = """
 import sys, torch, torch.distributed as dist
