@@ -6,9 +6,11 @@ convolution's speed, and the float32 paths of training (glow_fast.rearranged_wn_
 inference (glow_fast.frame_conditioned_wn_inference) saved multiply-adds only to spend them at half the rate.
 Measured on two Zen 5 cores (torch capability AVX512), WN's products at 2 x 16000 samples (4000 x 256 @ 256 x 512
 and its kin): torch.addmm 145-190 GFLOP/s, oneDNN's linear 300-410; weight gradients (both operands transposed)
-190-280 against 150-180. So where torch's capability is AVX-512, these products go to oneDNN's linear; elsewhere
-they stay torch's own, to the bit (on two AVX2 cores oneDNN's linear was no faster than addmm_ for the frame
-path's products: 69-110 GFLOP/s against 96-148).
+190-280 against 150-180. On two Zen 4 cores, whose AVX-512 units are 256 bits wide, the gap is smaller but there:
+the same products at 1000-4000 rows, torch.mm 92-157 GFLOP/s, oneDNN's linear 134-190 (one run, a noisy host).
+So where torch's capability is AVX-512, these products go to oneDNN's linear; elsewhere they stay torch's own, to
+the bit (on two AVX2 cores oneDNN's linear was no faster than addmm_ for the frame path's products: 69-110 GFLOP/s
+against 96-148).
 """
 import functools
 
