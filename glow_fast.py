@@ -108,12 +108,19 @@ def _cpu_low_precision(x):
     return torch.bfloat16 if x.dtype == torch.bfloat16 or autocast_bfloat16 else None
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def cpu_has_bf16_units():
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on ARM); also what
     distributed.cpu_supports_bf16, which chooses a run's precision, answers. oneDNN's probe alone also says yes for
     plain AVX512, where it only emulates bfloat16, so on x86 the units must show in torch's capability name or in
-    /proc/cpuinfo's flags; where neither tells, the answer is no."""
+    /proc/cpuinfo's flags; where neither tells, the answer is no. Probed once per process (cache_clear() asks
+    again). Compiled code takes the answer as a constant: traced, the probe's torch.ops call (it returns a bool)
+    broke a compiled WN's graph at every layer under CPU bfloat16 autocast, 17 breaks in a 4-layer WN."""
+    return _probe_bf16_units()
+
+
+@functools.cache
+def _probe_bf16_units():
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     if torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or platform.machine().lower() in (
@@ -125,6 +132,9 @@ def cpu_has_bf16_units():
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+cpu_has_bf16_units.cache_clear = _probe_bf16_units.cache_clear
 
 
 def _inference_outside_compile():

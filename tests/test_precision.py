@@ -105,6 +105,27 @@ def test_the_models_bfloat16_matrix_routes_follow_the_units(monkeypatch):
         assert ((output.float() - reference).norm() / reference.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_a_compiled_wn_under_cpu_bfloat16_autocast_is_one_graph(monkeypatch, native):
+    """The units' answer is a constant to torch.compile: traced, the probe broke the graph at every layer, so a
+    compiled WN ran as many small graphs with eager code between them."""
+    import torch._dynamo
+
+    from glow import WN
+    fake_cpu(monkeypatch, mkldnn_bf16=native, capability="AVX512", flags="avx512f avx512_bf16")
+    torch.manual_seed(0)
+    wn = WN(2, 16, n_layers=3, n_channels=8, kernel_size=3)
+
+    def forward(audio, spect):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return wn((audio, spect))
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(forward)(torch.randn(1, 2, 20), torch.randn(1, 16, 20))
+    torch._dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_inference_is_fp16_line_on_a_cpu_without_bfloat16_units(monkeypatch, capsys):
     """inference.py --is_fp16 prints the one precision line before it does anything else."""
     import inference
