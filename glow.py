@@ -161,6 +161,8 @@ class WN(nn.Module):
             return glow_fast.folded_wn_inference(self, audio, spect)
         if glow_fast.uses_rearranged_wn(self, spect):  # float32 on CPUs: this math with fewer multiply-adds
             return glow_fast.rearranged_wn_forward(self, audio, spect)
+        if glow_fast.uses_composed_wn(self, spect):  # bfloat16 on CPUs: the same compositions, channel-major
+            return glow_fast.composed_wn_forward(self, audio, spect)
         C = self.n_channels
         audio = self.start(audio.to(spect.dtype))  # (B, C, T/g) in the conditioning's compute dtype
         # split() rather than slicing: the backward of n slices allocates n full-size zero gradients,

@@ -159,6 +159,61 @@ def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math
     assert torch.equal(time_major_acts, plain_acts) and torch.equal(fast_grad, time_major.grad)
 
 
+@pytest.mark.parametrize("n_in, n_layers, kernel_size, n_channels", [(4, 3, 3, 8), (3, 1, 3, 8), (1, 2, 5, 8)])
+def test_bfloat16_cpu_wn_with_fewer_multiply_adds_is_the_layer_by_layer_math(monkeypatch, n_in, n_layers,
+                                                                            kernel_size, n_channels):
+    """bfloat16 CPU WN (glow_fast.composed_wn_forward: each skip matrix through the end layer, the first dilated
+    convolution through the start layer, channel-major): in float64 the layer-by-layer forward's output, input
+    gradients and every parameter's gradient to rounding, with every bias counting; under CPU bfloat16 autocast
+    (bfloat16 units faked both ways) the path WN takes, in the layer-by-layer output's dtype, near float32."""
+    torch.manual_seed(5)
+    wn = WN(n_in, 40, n_layers=n_layers, n_channels=n_channels, kernel_size=kernel_size, n_out_channels=2 * n_in)
+    with torch.no_grad():
+        for parameter in wn.parameters():
+            parameter.normal_(0, 0.3)  # the end layer and biases start at zero; make every composed term count
+    audio, spect = torch.randn(2, n_in, 37, requires_grad=True), torch.randn(2, 40, 37, requires_grad=True)
+    weights = torch.randn(2, 2 * n_in, 37)
+
+    def output_and_gradients(forward, *inputs):
+        wn.zero_grad(set_to_none=True)
+        for tensor in inputs:
+            tensor.grad = None
+        output = forward(*inputs)
+        (output.double() * weights.to(output.device, torch.float64)).sum().backward()
+        return [output.detach().double()] + [tensor.grad for tensor in inputs] + [p.grad for p in wn.parameters()]
+
+    with monkeypatch.context() as plain:
+        plain.setattr(glow_fast, "uses_rearranged_wn", lambda wn, spect: False)
+        wn.double()
+        audio64, spect64 = (tensor.detach().double().requires_grad_() for tensor in (audio, spect))
+        composed = output_and_gradients(lambda *x: glow_fast.composed_wn_forward(wn, *x), audio64, spect64)
+        reference = output_and_gradients(lambda *x: wn(x), audio64, spect64)
+        for got, want in zip(composed, reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        wn.float()
+        reference32 = output_and_gradients(lambda *x: wn(x), audio, spect)
+    calls = []
+    composed_forward = glow_fast.composed_wn_forward
+    monkeypatch.setattr(glow_fast, "composed_wn_forward", lambda *args: calls.append(1) or composed_forward(*args))
+    for native in (True, False):
+        monkeypatch.setattr(glow_fast, "cpu_has_bf16_units", lambda native=native: native)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert wn((audio, spect)).dtype == torch.bfloat16
+            with monkeypatch.context() as plain:
+                plain.setattr(glow_fast, "uses_composed_wn", lambda wn, spect: False)
+                assert wn((audio, spect)).dtype == torch.bfloat16  # the layer-by-layer output's dtype too
+            fast = output_and_gradients(lambda *x: wn(x), audio, spect)
+        assert len(calls) == 2, "CPU bfloat16 autocast did not take the composed WN"
+        calls.clear()
+        # output, input gradients, then all parameter gradients as one (some are ~1e-8, rounding noise alone)
+        for got, want in zip(fast[:3] + [_flat(fast[3:])], reference32[:3] + [_flat(reference32[3:])], strict=True):
+            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 3e-2
+
+
+def _flat(tensors):
+    return torch.cat([tensor.double().flatten() for tensor in tensors])
+
+
 @pytest.mark.parametrize("onednn", [False, True])
 def test_float32_products_by_either_library_are_the_products_forward_and_backward(monkeypatch, onednn):
     """cpu_matmul's products, by torch's own matmul or by oneDNN's linear (forced here, on any CPU): a @ b + bias
