@@ -308,7 +308,6 @@ def rearranged_wn_forward(wn, audio, spect):
     C, n_layers = wn.n_channels, wn.n_layers
     batch, steps = audio.size(0), audio.size(2)
     start_weight, first_weight, res_skip_weights = _composed_weights(wn)
-    n_out = res_skip_weights[-1][0].size(0)
     audio = audio.transpose(1, 2)  # (B, T/g, n_half), time-major from here on
     residual_stream = cpu_matmul.matmul(audio, start_weight.t(), wn.start.bias)  # (B, T/g, C): wn.start(audio)
     cond_bias = wn.cond_layer.bias + torch.cat([layer.bias for layer in wn.in_layers])
@@ -326,13 +325,19 @@ def rearranged_wn_forward(wn, audio, spect):
             in_act = _time_major_conv(residual_stream, in_layer.effective_weight(), in_layer.dilation)
         acts = gated_activation(in_act + conds[i], C, dim=2)  # (B, T/g, C)
         res_skip = cpu_matmul.matmul(acts.view(batch * steps, C), weight.t(), bias).view(batch, steps, -1)
-        if i < n_layers - 1:
-            residual, skip = res_skip.split([C, n_out], dim=2)
-            residual_stream = residual_stream + residual
-        else:
-            skip = res_skip
-        output = skip if output is None else output + skip
+        residual_stream, output = _add_res_skip(res_skip, residual_stream, output, i == n_layers - 1, C, dim=2)
     return (output + wn.end.bias).transpose(1, 2).contiguous()  # (B, n_out, T/g)
+
+
+def _add_res_skip(res_skip, residual_stream, output, last_layer, n_channels, dim):
+    """A layer's composed res_skip output, its residual rows (none in the last layer) added to the residual stream
+    and its skip rows, already through the end layer, to the output; returns both."""
+    if last_layer:
+        skip = res_skip
+    else:
+        residual, skip = res_skip.split([n_channels, res_skip.size(dim) - n_channels], dim=dim)
+        residual_stream = residual_stream + residual
+    return residual_stream, skip if output is None else output + skip
 
 
 def _composed_weights(wn):
@@ -374,7 +379,6 @@ def composed_wn_forward(wn, audio, spect):
     start_weight, first_weight, res_skip_weights = _composed_weights(wn)
     last_weight, last_bias = res_skip_weights[-1]
     res_skip_weights[-1] = (last_weight, last_bias + wn.end.bias)  # the end layer's bias rides on the last skip rows
-    n_out = last_weight.size(0)
     audio = audio.to(spect.dtype)
     audio_and_one = torch.cat([audio, audio.new_ones(audio.size(0), 1, audio.size(2))], 1)  # (B, n_half + 1, T/g)
     residual_stream = conv1d(audio, start_weight.unsqueeze(2), wn.start.bias, 0, 1)  # (B, C, T/g): wn.start(audio)
@@ -386,12 +390,7 @@ def composed_wn_forward(wn, audio, spect):
         in_act = conv1d(layer_input, in_weight, in_layer.bias, in_layer.padding, in_layer.dilation)  # (B, 2C, T/g)
         acts = gated_activation(in_act + conds[i], C)  # (B, C, T/g)
         res_skip = conv1d(acts, weight.unsqueeze(2), bias, 0, 1)  # (B, C + n_out, T/g); the last layer's n_out
-        if i < n_layers - 1:
-            residual, skip = res_skip.split([C, n_out], dim=1)
-            residual_stream = residual_stream + residual
-        else:
-            skip = res_skip
-        output = skip if output is None else output + skip
+        residual_stream, output = _add_res_skip(res_skip, residual_stream, output, i == n_layers - 1, C, dim=1)
     return output  # (B, n_out, T/g), the end layer's output
 
 

@@ -108,6 +108,18 @@ def test_gradients_reach_every_parameter():
     assert not missing
 
 
+def _wn_with_every_term_counting(seed, n_in, n_layers, kernel_size, n_channels):
+    """A WN with random end layer and biases (they start at zero), inputs (B=2, T/g=37, a length no block size
+    divides) that want gradients, and random weights to reduce its output by."""
+    torch.manual_seed(seed)
+    wn = WN(n_in, 40, n_layers=n_layers, n_channels=n_channels, kernel_size=kernel_size, n_out_channels=2 * n_in)
+    with torch.no_grad():
+        for parameter in wn.parameters():
+            parameter.normal_(0, 0.3)  # make every composed term count
+    audio, spect = torch.randn(2, n_in, 37, requires_grad=True), torch.randn(2, 40, 37, requires_grad=True)
+    return wn, audio, spect, torch.randn(2, 2 * n_in, 37)
+
+
 @pytest.mark.parametrize("n_in, n_layers, kernel_size, n_channels, onednn", [
     (4, 3, 3, 8, False), (3, 1, 3, 8, False), (1, 2, 5, 8, False), (2, 2, 3, 64, False), (2, 2, 3, 64, True)])
 def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math(monkeypatch, n_in, n_layers,
@@ -118,13 +130,7 @@ def test_float32_cpu_wn_with_fewer_multiply_adds_matches_the_layer_by_layer_math
     for one layer, odd channel counts, a 5-tap kernel and a length no block size divides; with 64 channels also
     with its wide products by oneDNN (cpu_matmul), as on CPUs with AVX-512."""
     monkeypatch.setattr(cpu_matmul, "uses_onednn", lambda: onednn)
-    torch.manual_seed(4)
-    wn = WN(n_in, 40, n_layers=n_layers, n_channels=n_channels, kernel_size=kernel_size, n_out_channels=2 * n_in)
-    with torch.no_grad():
-        for parameter in wn.parameters():
-            parameter.normal_(0, 0.3)  # the end layer and biases start at zero; make every composed term count
-    audio, spect = torch.randn(2, n_in, 37, requires_grad=True), torch.randn(2, 40, 37, requires_grad=True)
-    weights = torch.randn(2, 2 * n_in, 37)
+    wn, audio, spect, weights = _wn_with_every_term_counting(4, n_in, n_layers, kernel_size, n_channels)
 
     def output_and_gradients():
         wn.zero_grad(set_to_none=True)
@@ -166,13 +172,7 @@ def test_bfloat16_cpu_wn_with_fewer_multiply_adds_is_the_layer_by_layer_math(mon
     convolution through the start layer, channel-major): in float64 the layer-by-layer forward's output, input
     gradients and every parameter's gradient to rounding, with every bias counting; under CPU bfloat16 autocast
     (bfloat16 units faked both ways) the path WN takes, in the layer-by-layer output's dtype, near float32."""
-    torch.manual_seed(5)
-    wn = WN(n_in, 40, n_layers=n_layers, n_channels=n_channels, kernel_size=kernel_size, n_out_channels=2 * n_in)
-    with torch.no_grad():
-        for parameter in wn.parameters():
-            parameter.normal_(0, 0.3)  # the end layer and biases start at zero; make every composed term count
-    audio, spect = torch.randn(2, n_in, 37, requires_grad=True), torch.randn(2, 40, 37, requires_grad=True)
-    weights = torch.randn(2, 2 * n_in, 37)
+    wn, audio, spect, weights = _wn_with_every_term_counting(5, n_in, n_layers, kernel_size, n_channels)
 
     def output_and_gradients(forward, *inputs):
         wn.zero_grad(set_to_none=True)
