@@ -179,7 +179,7 @@ def test_bfloat16_cpu_wn_with_fewer_multiply_adds_is_the_layer_by_layer_math(mon
         for tensor in inputs:
             tensor.grad = None
         output = forward(*inputs)
-        (output.double() * weights.to(output.device, torch.float64)).sum().backward()
+        (output.double() * weights.double()).sum().backward()
         return [output.detach().double()] + [tensor.grad for tensor in inputs] + [p.grad for p in wn.parameters()]
 
     with monkeypatch.context() as plain:
